@@ -1,0 +1,287 @@
+"""Array-module-generic building blocks shared by the kernel modules.
+
+Every function takes the array module ``xp`` (numpy or cupy) as its first argument, so one
+implementation serves both; backend modules pass their own fused ``ops`` where they have them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+Array = Any
+
+# Working-set budget for one chunk of perturbed parameter sets in the batched method.
+BATCHED_CHUNK_BYTES = 96 * 2**20
+
+
+def activation_forward(xp, kind: str, x: Array, alpha: float) -> Array:
+    """Elementwise activation; sigmoid is evaluated without overflow for any finite x."""
+    if kind == "relu":
+        return xp.maximum(x, 0)
+    if kind == "sigmoid":
+        e = xp.exp(-xp.abs(x))
+        return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    if kind == "tanh":
+        return xp.tanh(x)
+    if kind == "leaky_relu":
+        return xp.where(x > 0, x, x * x.dtype.type(alpha))
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def activation_backward(xp, kind: str, dout: Array, x: Array, y: Array, alpha: float) -> Array:
+    """dL/dx from dL/dy for the activation y = f(x)."""
+    if kind == "relu":
+        return xp.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
+    if kind == "sigmoid":
+        return dout * (1 - y) * y
+    if kind == "tanh":
+        return dout * (1 - y * y)
+    if kind == "leaky_relu":
+        return xp.where(x > 0, dout, dout * dout.dtype.type(alpha))
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def log_softmax_parts(xp, scores: Array) -> tuple[Array, Array, Array]:
+    """(shifted, exp(shifted), row sums) with shifted = scores - rowmax, over the last axis."""
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    e = xp.exp(shifted)
+    return shifted, e, e.sum(axis=-1, keepdims=True)
+
+
+def softmax_cross_entropy(xp, scores: Array, target: Array) -> tuple[Array, Array]:
+    """Mean cross-entropy of softmax(scores) by log-sum-exp, and the probabilities."""
+    shifted, e, total = log_softmax_parts(xp, scores)
+    probs = e / total
+    log_total = xp.log(total[:, 0])
+    if target.ndim == 1:
+        picked = xp.take_along_axis(shifted, target[:, None], axis=1)[:, 0]
+        per_sample = log_total - picked
+    else:
+        per_sample = (target * (log_total[:, None] - shifted)).sum(axis=1)
+    return per_sample.mean(), probs
+
+
+def softmax_cross_entropy_backward(xp, probs: Array, target: Array, dout: float) -> Array:
+    """(probs - onehot(target)) * dout / B."""
+    batch = probs.shape[0]
+    if target.ndim == 1:
+        grad = probs.copy()
+        grad[xp.arange(batch), target] -= 1
+    else:
+        grad = probs - target
+    grad *= probs.dtype.type(dout / batch)
+    return grad
+
+
+def set_losses(xp, scores: Array, labels: Array) -> Array:
+    """Mean cross-entropy per parameter set. scores: (S, B, C); labels: (B,) -> (S,)."""
+    shifted, _, total = log_softmax_parts(xp, scores)
+    picked = xp.take_along_axis(shifted, xp.broadcast_to(labels[None, :, None], shifted.shape[:2] + (1,)), axis=2)
+    return (xp.log(total[..., 0]) - picked[..., 0]).mean(axis=1)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The elementwise pieces a backend plugs into the generic numerical-gradient drivers."""
+
+    xp: Any
+    activation: Callable[[str, Array, float], Array]  # (kind, x 2-D, alpha) -> f(x)
+    set_losses: Callable[[Array, Array], Array]  # (scores (S, B, C), labels (B,)) -> (S,)
+
+
+def _param_views(weights, biases):
+    """(layer, kind, array) for every parameter array, in the order W1, b1, W2, b2, ..."""
+    for layer, (W, b) in enumerate(zip(weights, biases, strict=True)):
+        yield layer, "W", W
+        yield layer, "b", b
+
+
+def _decay_difference(xp, values: Array, weight_decay: float, h: float) -> Array:
+    """Central difference of 0.5 * weight_decay * w**2 at the given weights, as the naive loop sees it."""
+    if not weight_decay:
+        return xp.zeros_like(values)
+    return 0.5 * weight_decay * ((values + h) ** 2 - (values - h) ** 2) / (2 * h)
+
+
+def numerical_gradient_batched(ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h,
+                               progress=None, chunk_bytes=BATCHED_CHUNK_BYTES):
+    """Brute force, batched: full forward passes for many perturbed parameter sets per GEMM.
+
+    For a chunk of k parameters the 2k perturbed sets (+h then -h) travel together as a stack
+    (S, B, width); the perturbed layer is one GEMM over the concatenated perturbed weight
+    matrices (layer 1) or one batched matmul (deeper layers); every other layer is a single
+    (S*B, in) @ (in, out) GEMM. Nothing is cached between sets: each is a full forward pass.
+    """
+    xp = ops.xp
+    batch = x.shape[0]
+    n_layers = len(weights)
+    widths = [x.shape[1]] + [W.shape[1] for W in weights]
+    grads = {}
+    for layer, kind, P in _param_views(weights, biases):
+        per_set = 8 * (batch * (x.shape[1] + 3 * sum(widths[1:])) + (P.size if kind == "W" else 0))
+        k_max = max(1, chunk_bytes // (2 * per_set))
+        flat_grad = xp.empty(P.size, dtype=xp.float64)
+        for start in range(0, P.size, k_max):
+            idx = xp.arange(start, min(start + k_max, P.size))
+            k = int(idx.size)
+            signs = xp.concatenate([xp.full(k, h), xp.full(k, -h)])
+            flat_idx = xp.concatenate([idx, idx])
+            sets = 2 * k
+            state = None
+            for m in range(n_layers):
+                W, b = weights[m], biases[m]
+                n_in, n_out = W.shape
+                if m == layer and kind == "W":
+                    rows, cols = flat_idx // n_out, flat_idx % n_out
+                    if state is None:  # layer 1: one GEMM against the concatenated perturbed matrices
+                        stacked = xp.repeat(W[:, None, :], sets, axis=1)  # (I, S, O)
+                        stacked[rows, xp.arange(sets), cols] += signs
+                        out = (x @ stacked.reshape(n_in, sets * n_out)).reshape(batch, sets, n_out)
+                        a = xp.ascontiguousarray(out.transpose(1, 0, 2))
+                    else:  # deeper layer: one batched matmul, a matrix per set
+                        stacked = xp.repeat(W[None], sets, axis=0)  # (S, I, O)
+                        stacked[xp.arange(sets), rows, cols] += signs
+                        a = xp.matmul(state, stacked)
+                    a += b
+                else:
+                    if state is None:  # brute force: every set runs its own full pass, layer 1 included
+                        state = xp.ascontiguousarray(xp.broadcast_to(x, (sets, batch, n_in)))
+                    a = (state.reshape(sets * batch, n_in) @ W).reshape(sets, batch, n_out)
+                    if m == layer:  # a perturbed bias
+                        bias = xp.repeat(b[None], sets, axis=0)
+                        bias[xp.arange(sets), flat_idx] += signs
+                        a += bias[:, None, :]
+                    else:
+                        a += b
+                if m < n_layers - 1:
+                    state = ops.activation(activation, a.reshape(sets * batch, n_out), alpha).reshape(a.shape)
+                else:
+                    losses = ops.set_losses(a, labels)
+            flat_grad[start : start + k] = (losses[:k] - losses[k:]) / (2 * h)
+            if progress is not None:
+                progress(k)
+        grad = flat_grad.reshape(P.shape)
+        if kind == "W":
+            grad += _decay_difference(xp, P, weight_decay, h)
+        grads[layer, kind] = grad
+    return [grads[m, "W"] for m in range(n_layers)], [grads[m, "b"] for m in range(n_layers)]
+
+
+@dataclass
+class ForwardCache:
+    """Everything the base (unperturbed) forward pass computed, float64."""
+
+    inputs: list  # inputs[m]: the input of layer m (B, I_m); inputs[0] is x
+    pre: list  # pre[m]: x_m @ W_m + b_m (B, O_m); pre[-1] are the scores
+    probs: Array  # softmax of the scores (B, C)
+    per_sample_loss: Array  # (B,)
+
+
+def forward_cache(xp, ops: Ops, weights, biases, x, labels, activation, alpha) -> ForwardCache:
+    inputs, pre = [x], []
+    for m, (W, b) in enumerate(zip(weights, biases, strict=True)):
+        a = inputs[-1] @ W + b
+        pre.append(a)
+        if m < len(weights) - 1:
+            inputs.append(ops.activation(activation, a, alpha))
+    shifted, e, total = log_softmax_parts(xp, pre[-1])
+    picked = xp.take_along_axis(shifted, labels[:, None], axis=1)[:, 0]
+    return ForwardCache(inputs, pre, e / total, xp.log(total[:, 0]) - picked)
+
+
+def _segment_sums(xp, values: Array, starts: Array) -> Array:
+    """Sums of consecutive segments of ``values`` starting at ``starts`` (sequential, deterministic)."""
+    return xp.add.reduceat(values, starts)
+
+
+def _last_layer_differences(xp, cache: ForwardCache, labels, h, n_classes):
+    """Central differences of the mean loss for W_L and b_L: one score column moves by +-d.
+
+    With d = h * z[b, i], the new log-sum-exp is lse + log1p(p[b, j] * expm1(+-d)) (the base
+    softmax reused), and the picked score moves by +-d when j is the label.
+    """
+    z = cache.inputs[-1]
+    batch = z.shape[0]
+    p = cache.probs
+    onehot = xp.zeros_like(p)
+    onehot[xp.arange(batch), labels] = 1.0
+
+    def summed(d):  # d: (B, I) -> sum over b of the +h minus the -h loss change, (I, C)
+        plus = xp.log1p(p[:, None, :] * xp.expm1(d)[:, :, None])
+        minus = xp.log1p(p[:, None, :] * xp.expm1(-d)[:, :, None])
+        return (plus - minus).sum(axis=0) - 2 * (d.T @ onehot)
+
+    dW = summed(h * z) / (2 * h * batch)
+    db = summed(xp.full((batch, 1), h))[0] / (2 * h * batch)
+    return dW, db
+
+
+def numerical_gradient_incremental(ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h,
+                                   progress=None):
+    """Exact central differences, recomputing only what each perturbation changes.
+
+    Moving W_l[i, j] by +-h moves column j of layer l's pre-activation by +-h * input[:, i]
+    (and nothing else): the layers before l come from the cached base pass, the next layer's
+    input changes by a rank-1 term, and only the rest of the pass is recomputed, for just the
+    samples whose input[b, i] is non-zero. An input that is zero for the whole batch gives a
+    loss difference of exactly 0, so it is skipped (b_l behaves like an input of ones).
+    """
+    xp = ops.xp
+    n_layers = len(weights)
+    batch = x.shape[0]
+    cache = forward_cache(xp, ops, weights, biases, x, labels, activation, alpha)
+    n_classes = weights[-1].shape[1]
+    dWs, dbs = [], []
+    for layer in range(n_layers):
+        W = weights[layer]
+        if layer == n_layers - 1:
+            dW, db = _last_layer_differences(xp, cache, labels, h, n_classes)
+        else:
+            dW, db = _hidden_layer_differences(ops, cache, weights, biases, labels, activation, alpha, h, layer)
+        dW += _decay_difference(xp, W, weight_decay, h)
+        dWs.append(dW)
+        dbs.append(db)
+        if progress is not None:
+            progress(W.size + biases[layer].size)
+    return dWs, dbs
+
+
+def _hidden_layer_differences(ops: Ops, cache: ForwardCache, weights, biases, labels, activation, alpha, h, layer):
+    xp = ops.xp
+    z_in = cache.inputs[layer]
+    batch, n_in = z_in.shape
+    n_out = weights[layer].shape[1]
+    n_layers = len(weights)
+    # (i, b) pairs with a non-zero input, ordered by i; a trailing "input of ones" row for the bias
+    with_bias = xp.concatenate([z_in.T, xp.ones((1, batch), dtype=z_in.dtype)])
+    rows, samples = xp.nonzero(with_bias)
+    steps = h * with_bias[rows, samples]
+    active_rows, starts = xp.unique(rows, return_index=True)
+    pre_next = cache.pre[layer + 1][samples]
+    base_loss = cache.per_sample_loss[samples]
+    sample_labels = labels[samples]
+    probs = cache.probs[samples]
+    W_next = weights[layer + 1]
+    grad = xp.zeros((n_in + 1, n_out), dtype=xp.float64)
+
+    def loss_change(j, step):
+        a = cache.pre[layer][samples, j]
+        dz = ops.activation(activation, (a + step)[:, None], alpha)[:, 0] - cache.inputs[layer + 1][samples, j]
+        if layer + 1 == n_layers - 1:  # next layer is the output: reuse the base softmax
+            shift = dz[:, None] * W_next[j][None, :]
+            picked = xp.take_along_axis(shift, sample_labels[:, None], axis=1)[:, 0]
+            return xp.log1p((probs * xp.expm1(shift)).sum(axis=1)) - picked
+        a_next = pre_next + dz[:, None] * W_next[j][None, :]
+        for m in range(layer + 2, n_layers):
+            a_next = ops.activation(activation, a_next, alpha) @ weights[m] + biases[m]
+        shifted, _, total = log_softmax_parts(xp, a_next)
+        picked = xp.take_along_axis(shifted, sample_labels[:, None], axis=1)[:, 0]
+        return (xp.log(total[:, 0]) - picked) - base_loss
+
+    for j in range(n_out):
+        diff = loss_change(j, steps) - loss_change(j, -steps)
+        grad[active_rows, j] = _segment_sums(xp, diff, starts)
+    grad /= 2 * h * batch
+    return grad[:n_in], grad[n_in]

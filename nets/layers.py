@@ -1,0 +1,101 @@
+"""Layers with forward/backward that dispatch their arithmetic to the net's backend kernels.
+
+Shapes: Affine maps (batch, in) -> (batch, out); activations keep the shape; SoftmaxWithLoss
+takes scores (batch, classes) and integer labels (batch,) (nets validate labels beforehand).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from backends import Backend
+from kernels import LEAKY_SLOPE
+
+Array = Any
+
+
+class Layer:
+    """Base class: remembers what backward needs; backward before forward is a RuntimeError."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._ready = False
+
+    def _check_forward_done(self) -> None:
+        if not self._ready:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
+
+
+class Affine(Layer):
+    """y = x @ W + b. W: (in, out), b: (out,). ``need_dx=False`` skips dL/dx (first layer)."""
+
+    def __init__(self, W: Array, b: Array, backend: Backend, need_dx: bool = True) -> None:
+        super().__init__(backend)
+        self.W, self.b, self.need_dx = W, b, need_dx
+        self.dW = self.db = None
+
+    def forward(self, x: Array) -> Array:
+        """x: (batch, in) -> (batch, out), in W's dtype."""
+        self.x = x
+        self._ready = True
+        return self.backend.kernels.affine_forward(x, self.W, self.b)
+
+    def backward(self, dout: Array) -> Array | None:
+        """dout: (batch, out) -> dL/dx (batch, in), or None when need_dx is False; sets dW, db."""
+        self._check_forward_done()
+        dx, self.dW, self.db = self.backend.kernels.affine_backward(dout, self.x, self.W, self.need_dx)
+        return dx
+
+
+class Activation(Layer):
+    """Elementwise activation ``kind`` (one of kernels.ACTIVATIONS)."""
+
+    kind = ""
+
+    def __init__(self, backend: Backend, alpha: float = LEAKY_SLOPE) -> None:
+        super().__init__(backend)
+        self.alpha = alpha
+
+    def forward(self, x: Array) -> Array:
+        self.x = x
+        self.y = self.backend.kernels.activation_forward(self.kind, x, self.alpha)
+        self._ready = True
+        return self.y
+
+    def backward(self, dout: Array) -> Array:
+        self._check_forward_done()
+        return self.backend.kernels.activation_backward(self.kind, dout, self.x, self.y, self.alpha)
+
+
+class Relu(Activation):
+    kind = "relu"
+
+
+class Sigmoid(Activation):
+    kind = "sigmoid"
+
+
+class Tanh(Activation):
+    kind = "tanh"
+
+
+class LeakyRelu(Activation):
+    kind = "leaky_relu"
+
+
+ACTIVATION_LAYERS = {cls.kind: cls for cls in (Relu, Sigmoid, Tanh, LeakyRelu)}
+
+
+class SoftmaxWithLoss(Layer):
+    """Softmax + mean cross-entropy, fused. forward(scores, labels) -> loss (0-d array)."""
+
+    def forward(self, scores: Array, labels: Array) -> Array:
+        self.labels = labels
+        self.loss, self.probs = self.backend.kernels.softmax_cross_entropy(scores, labels)
+        self._ready = True
+        return self.loss
+
+    def backward(self, dout: float = 1.0) -> Array:
+        """dL/dscores = dout * (probs - onehot) / batch."""
+        self._check_forward_done()
+        return self.backend.kernels.softmax_cross_entropy_backward(self.probs, self.labels, dout)
