@@ -18,6 +18,4 @@ def create_backend() -> Backend:
         raise NoCudaDeviceError("cupy is installed but the CUDA runtime reports 0 devices")
     from kernels import cupy_kernels
 
-    return Backend(
-        name="cupy", xp=cupy, kernels=cupy_kernels, _sync=lambda: cupy.cuda.Device().synchronize()
-    )
+    return Backend(name="cupy", xp=cupy, kernels=cupy_kernels, _sync=lambda: cupy.cuda.Device().synchronize())

@@ -76,10 +76,11 @@ def softmax_cross_entropy_backward(xp, probs: Array, target: Array, dout: float)
 
 
 def set_losses(xp, scores: Array, labels: Array) -> Array:
-    """Mean cross-entropy per parameter set. scores: (S, B, C); labels: (B,) -> (S,)."""
+    """Mean cross-entropy per parameter set. scores: (B, S, C); labels: (B,) -> (S,)."""
     shifted, _, total = log_softmax_parts(xp, scores)
-    picked = xp.take_along_axis(shifted, xp.broadcast_to(labels[None, :, None], shifted.shape[:2] + (1,)), axis=2)
-    return (xp.log(total[..., 0]) - picked[..., 0]).mean(axis=1)
+    index = xp.broadcast_to(labels[:, None, None], shifted.shape[:2] + (1,))
+    picked = xp.take_along_axis(shifted, index, axis=2)
+    return (xp.log(total[..., 0]) - picked[..., 0]).mean(axis=0)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,10 @@ class Ops:
 
     xp: Any
     activation: Callable[[str, Array, float], Array]  # (kind, x 2-D, alpha) -> f(x)
-    set_losses: Callable[[Array, Array], Array]  # (scores (S, B, C), labels (B,)) -> (S,)
+    set_losses: Callable[[Array, Array], Array]  # (scores (B, S, C), labels (B,)) -> (S,)
+    # optional fast path for the layer that feeds the output layer: same arguments and result as
+    # _hidden_layer_differences
+    hidden_to_output: Callable[..., tuple[Array, Array]] | None = None
 
 
 def _param_views(weights, biases):
@@ -105,68 +109,117 @@ def _decay_difference(xp, values: Array, weight_decay: float, h: float) -> Array
     return 0.5 * weight_decay * ((values + h) ** 2 - (values - h) ** 2) / (2 * h)
 
 
-def numerical_gradient_batched(ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h,
-                               progress=None, chunk_bytes=BATCHED_CHUNK_BYTES):
+def numerical_gradient_batched(
+    ops: Ops,
+    weights,
+    biases,
+    x,
+    labels,
+    activation,
+    alpha,
+    weight_decay,
+    h,
+    progress=None,
+    chunk_bytes=BATCHED_CHUNK_BYTES,
+):
     """Brute force, batched: full forward passes for many perturbed parameter sets per GEMM.
 
     For a chunk of k parameters the 2k perturbed sets (+h then -h) travel together as a stack
-    (S, B, width); the perturbed layer is one GEMM over the concatenated perturbed weight
-    matrices (layer 1) or one batched matmul (deeper layers); every other layer is a single
-    (S*B, in) @ (in, out) GEMM. Nothing is cached between sets: each is a full forward pass.
+    (B, S, width). A perturbed first layer is one GEMM of x against the side-by-side perturbed
+    matrices (I, S * O); a perturbed deeper layer is one batched matmul; every other layer is a
+    single (B * S, in) @ (in, out) GEMM. Nothing is shared between sets: each is a full pass.
+
+    One exact shortcut: an input feature that is zero for the whole batch adds exactly 0 to
+    every product, so it is left out of x @ W1, and its row of W1 (whose loss difference is
+    exactly 0) is not perturbed.
     """
     xp = ops.xp
-    batch = x.shape[0]
     n_layers = len(weights)
-    widths = [x.shape[1]] + [W.shape[1] for W in weights]
+    active = xp.flatnonzero((x != 0).any(axis=0))
+    x_used = xp.ascontiguousarray(x[:, active])
+    weights_used = [xp.ascontiguousarray(weights[0][active])] + list(weights[1:])
     grads = {}
     for layer, kind, P in _param_views(weights, biases):
-        per_set = 8 * (batch * (x.shape[1] + 3 * sum(widths[1:])) + (P.size if kind == "W" else 0))
-        k_max = max(1, chunk_bytes // (2 * per_set))
-        flat_grad = xp.empty(P.size, dtype=xp.float64)
-        for start in range(0, P.size, k_max):
-            idx = xp.arange(start, min(start + k_max, P.size))
-            k = int(idx.size)
-            signs = xp.concatenate([xp.full(k, h), xp.full(k, -h)])
-            flat_idx = xp.concatenate([idx, idx])
-            sets = 2 * k
-            state = None
-            for m in range(n_layers):
-                W, b = weights[m], biases[m]
-                n_in, n_out = W.shape
-                if m == layer and kind == "W":
-                    rows, cols = flat_idx // n_out, flat_idx % n_out
-                    if state is None:  # layer 1: one GEMM against the concatenated perturbed matrices
-                        stacked = xp.repeat(W[:, None, :], sets, axis=1)  # (I, S, O)
-                        stacked[rows, xp.arange(sets), cols] += signs
-                        out = (x @ stacked.reshape(n_in, sets * n_out)).reshape(batch, sets, n_out)
-                        a = xp.ascontiguousarray(out.transpose(1, 0, 2))
-                    else:  # deeper layer: one batched matmul, a matrix per set
-                        stacked = xp.repeat(W[None], sets, axis=0)  # (S, I, O)
-                        stacked[xp.arange(sets), rows, cols] += signs
-                        a = xp.matmul(state, stacked)
-                    a += b
-                else:
-                    if state is None:  # brute force: every set runs its own full pass, layer 1 included
-                        state = xp.ascontiguousarray(xp.broadcast_to(x, (sets, batch, n_in)))
-                    a = (state.reshape(sets * batch, n_in) @ W).reshape(sets, batch, n_out)
-                    if m == layer:  # a perturbed bias
-                        bias = xp.repeat(b[None], sets, axis=0)
-                        bias[xp.arange(sets), flat_idx] += signs
-                        a += bias[:, None, :]
-                    else:
-                        a += b
-                if m < n_layers - 1:
-                    state = ops.activation(activation, a.reshape(sets * batch, n_out), alpha).reshape(a.shape)
-                else:
-                    losses = ops.set_losses(a, labels)
-            flat_grad[start : start + k] = (losses[:k] - losses[k:]) / (2 * h)
+        flat_grad = xp.zeros(P.size, dtype=xp.float64)
+        used = weights_used[layer] if kind == "W" else P
+        targets = xp.arange(used.size)  # flat indices into ``used``
+        for start, losses in _batched_chunks(
+            ops, weights_used, biases, x_used, labels, activation, alpha, layer, kind, used, h, chunk_bytes
+        ):
+            k = losses.size // 2
+            flat_grad[_full_index(xp, layer, kind, P, active, targets[start : start + k])] = (
+                losses[:k] - losses[k:]
+            ) / (2 * h)
             if progress is not None:
                 progress(k)
+        if progress is not None and P.size > used.size:
+            progress(P.size - used.size)
         grad = flat_grad.reshape(P.shape)
         if kind == "W":
             grad += _decay_difference(xp, P, weight_decay, h)
         grads[layer, kind] = grad
     return [grads[m, "W"] for m in range(n_layers)], [grads[m, "b"] for m in range(n_layers)]
+
+
+def _full_index(xp, layer, kind, P, active, local):
+    """Flat indices into P of the flat indices ``local`` into its used (active-rows) version."""
+    if kind == "W" and layer == 0:
+        return active[local // P.shape[1]] * P.shape[1] + local % P.shape[1]
+    return local
+
+
+def _batched_chunks(ops: Ops, weights, biases, x, labels, activation, alpha, layer, kind, P, h, chunk_bytes):
+    """Yield (start, losses (2k,)) for consecutive chunks of P's flat indices: +h sets, then -h sets."""
+    xp = ops.xp
+    batch = x.shape[0]
+    widths = [W.shape[1] for W in weights]
+    per_set = 8 * (batch * (x.shape[1] + 3 * sum(widths)) + (P.size if kind == "W" else 0))
+    k_max = int(max(1, min(P.size, chunk_bytes // (2 * per_set))))
+    # the perturbed copies of P side by side, reused across chunks: only the moved entries change
+    if kind == "W" and layer == 0:
+        stacked = xp.ascontiguousarray(xp.broadcast_to(P[:, None, :], (P.shape[0], 2 * k_max, P.shape[1])))
+    else:
+        stacked = xp.ascontiguousarray(xp.broadcast_to(P[None], (2 * k_max,) + P.shape))
+    for start in range(0, P.size, k_max):
+        k = min(k_max, P.size - start)
+        idx = xp.arange(start, start + k)
+        flat_idx = xp.concatenate([idx, idx])
+        signs = xp.concatenate([xp.full(k, h), xp.full(k, -h)])
+        set_ids = xp.arange(2 * k)
+        if kind == "W":
+            rows, cols = flat_idx // P.shape[1], flat_idx % P.shape[1]
+            moved = (rows, set_ids, cols) if layer == 0 else (set_ids, rows, cols)
+            original = P[rows, cols]
+        else:
+            moved = (set_ids, flat_idx)
+            original = P[flat_idx]
+        stacked[moved] = original + signs
+        losses = _batched_losses(ops, weights, biases, x, labels, activation, alpha, layer, kind, stacked, 2 * k)
+        stacked[moved] = original
+        yield start, losses
+
+
+def _batched_losses(ops: Ops, weights, biases, x, labels, activation, alpha, layer, kind, stacked, sets):
+    """Loss of each of the first ``sets`` perturbed parameter sets: a full forward pass each. -> (S,)"""
+    xp = ops.xp
+    batch = x.shape[0]
+    n_layers = len(weights)
+    state = None  # (B, S, width) once the sets have diverged
+    for m in range(n_layers):
+        W, b = weights[m], biases[m]
+        n_in, n_out = W.shape
+        if m == layer and kind == "W" and m == 0:  # one GEMM against the side-by-side perturbed matrices
+            a = (x @ stacked[:, :sets].reshape(n_in, sets * n_out)).reshape(batch, sets, n_out)
+        elif m == layer and kind == "W":  # one batched matmul, a perturbed matrix per set
+            a = xp.matmul(state.transpose(1, 0, 2), stacked[:sets]).transpose(1, 0, 2)
+        else:
+            if state is None:  # brute force: every set runs its own full pass, unperturbed layers included
+                state = xp.broadcast_to(x[:, None, :], (batch, sets, n_in))
+            a = (xp.ascontiguousarray(state).reshape(batch * sets, n_in) @ W).reshape(batch, sets, n_out)
+        a += stacked[:sets][None] if (m == layer and kind == "b") else b
+        if m < n_layers - 1:
+            state = ops.activation(activation, a.reshape(batch * sets, n_out), alpha).reshape(a.shape)
+    return ops.set_losses(a, labels)
 
 
 @dataclass
@@ -218,8 +271,9 @@ def _last_layer_differences(xp, cache: ForwardCache, labels, h, n_classes):
     return dW, db
 
 
-def numerical_gradient_incremental(ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h,
-                                   progress=None):
+def numerical_gradient_incremental(
+    ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None
+):
     """Exact central differences, recomputing only what each perturbation changes.
 
     Moving W_l[i, j] by +-h moves column j of layer l's pre-activation by +-h * input[:, i]
@@ -238,6 +292,8 @@ def numerical_gradient_incremental(ops: Ops, weights, biases, x, labels, activat
         W = weights[layer]
         if layer == n_layers - 1:
             dW, db = _last_layer_differences(xp, cache, labels, h, n_classes)
+        elif layer == n_layers - 2 and ops.hidden_to_output is not None:
+            dW, db = ops.hidden_to_output(cache, weights, biases, labels, activation, alpha, h, layer)
         else:
             dW, db = _hidden_layer_differences(ops, cache, weights, biases, labels, activation, alpha, h, layer)
         dW += _decay_difference(xp, W, weight_decay, h)

@@ -25,8 +25,9 @@ def numerical_gradient(f: Callable[[Array], Any], x: Array, h: float = 1e-4) -> 
     """
     step = v.check_step(h)
     if not hasattr(x, "dtype") or x.dtype.kind != "f":
-        raise TypeError(f"x must be a floating-point array; got {type(x).__name__} "
-                        f"with dtype {getattr(x, 'dtype', None)}")
+        raise TypeError(
+            f"x must be a floating-point array; got {type(x).__name__} with dtype {getattr(x, 'dtype', None)}"
+        )
     xp = _array_module(x)
     grad = xp.zeros(x.shape, dtype=xp.float64)
     for idx in np.ndindex(*x.shape):
@@ -75,8 +76,9 @@ def _progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[in
         yield bar.update
 
 
-def network_numerical_gradient(net: _FeedForwardNet, x: Array, labels: Array, method: str, h: float,
-                               progress: bool = False) -> dict[str, Array]:
+def network_numerical_gradient(
+    net: _FeedForwardNet, x: Array, labels: Array, method: str, h: float, progress: bool = False
+) -> dict[str, Array]:
     """Dispatch of net.numerical_gradient (inputs already validated): float64 results on the backend."""
     xp = net.backend.xp
     n_layers = net.n_layers
@@ -87,8 +89,7 @@ def network_numerical_gradient(net: _FeedForwardNet, x: Array, labels: Array, me
         weights = [net.params[f"W{m}"].astype(xp.float64, copy=False) for m in range(1, n_layers + 1)]
         biases = [net.params[f"b{m}"].astype(xp.float64, copy=False) for m in range(1, n_layers + 1)]
         kernel = getattr(net.backend.kernels, f"numerical_gradient_{method}")
-        dWs, dbs = kernel(weights, biases, x64, labels, net.activation, net.alpha, net.weight_decay_lambda, h,
-                          update)
+        dWs, dbs = kernel(weights, biases, x64, labels, net.activation, net.alpha, net.weight_decay_lambda, h, update)
     grads = {}
     for m in range(n_layers):
         grads[f"W{m + 1}"], grads[f"b{m + 1}"] = dWs[m], dbs[m]

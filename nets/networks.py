@@ -18,8 +18,16 @@ NUMERICAL_METHODS = ("naive", "batched", "incremental")
 class _FeedForwardNet:
     """Shared machinery: parameters W1, b1, ..., WL, bL and the layer stack that uses them."""
 
-    def __init__(self, sizes: list[int], activation: str, init_scales: list[float], weight_decay_lambda: float,
-                 seed: int | None, backend: str | Backend | None, dtype: Any) -> None:
+    def __init__(
+        self,
+        sizes: list[int],
+        activation: str,
+        init_scales: list[float],
+        weight_decay_lambda: float,
+        seed: int | None,
+        backend: str | Backend | None,
+        dtype: Any,
+    ) -> None:
         self.backend = get_backend(backend)
         self.dtype = v.check_dtype(dtype)
         self.activation = v.check_choice(activation, ACTIVATIONS, "activation")
@@ -57,8 +65,9 @@ class _FeedForwardNet:
     def _build_layers(self) -> None:
         self.layers = []
         for layer in range(1, self.n_layers + 1):
-            self.layers.append(Affine(self.params[f"W{layer}"], self.params[f"b{layer}"], self.backend,
-                                      need_dx=layer > 1))
+            self.layers.append(
+                Affine(self.params[f"W{layer}"], self.params[f"b{layer}"], self.backend, need_dx=layer > 1)
+            )
             if layer < self.n_layers:
                 self.layers.append(ACTIVATION_LAYERS[self.activation](self.backend, self.alpha))
         self.last_layer = SoftmaxWithLoss(self.backend)
@@ -119,8 +128,9 @@ class _FeedForwardNet:
                 grads[f"W{m}"] = grads[f"W{m}"] + self.weight_decay_lambda * self.params[f"W{m}"]
         return grads
 
-    def numerical_gradient(self, x: Any, t: Any, method: str = "naive", h: float = 1e-4,
-                           progress: bool = False) -> dict[str, Array]:
+    def numerical_gradient(
+        self, x: Any, t: Any, method: str = "naive", h: float = 1e-4, progress: bool = False
+    ) -> dict[str, Array]:
         """Central differences (f(p + h) - f(p - h)) / 2h for every parameter, in float64.
 
         method: "naive" (the textbook loop), "batched" (parallel brute force) or "incremental"
@@ -135,27 +145,45 @@ class _FeedForwardNet:
         return network_numerical_gradient(self, x, labels, method, step, progress)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(sizes={self.sizes}, activation={self.activation!r}, "
-                f"backend={self.backend.name!r}, dtype={self.dtype.name!r})")
+        return (
+            f"{type(self).__name__}(sizes={self.sizes}, activation={self.activation!r}, "
+            f"backend={self.backend.name!r}, dtype={self.dtype.name!r})"
+        )
 
 
 class TwoLayerNet(_FeedForwardNet):
     """input -> Affine -> activation -> Affine -> softmax; weights weight_init_std * N(0, 1), biases 0."""
 
-    def __init__(self, input_size: int, hidden_size: int, output_size: int, activation: str = "sigmoid",
-                 weight_init_std: float = 0.01, seed: int | None = 0, backend: str | Backend | None = None,
-                 dtype: Any = "float64") -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        activation: str = "sigmoid",
+        weight_init_std: float = 0.01,
+        seed: int | None = 0,
+        backend: str | Backend | None = None,
+        dtype: Any = "float64",
+    ) -> None:
         scale = _fixed_scale(weight_init_std)
-        super().__init__([input_size, hidden_size, output_size], activation, [scale, scale], 0.0, seed, backend,
-                         dtype)
+        super().__init__([input_size, hidden_size, output_size], activation, [scale, scale], 0.0, seed, backend, dtype)
 
 
 class MultiLayerNet(_FeedForwardNet):
     """Any number of hidden layers; weight_init_std "he" (sqrt(2/n_in)), "xavier" (sqrt(1/n_in)) or a float."""
 
-    def __init__(self, input_size: int, hidden_size_list: list[int], output_size: int, activation: str = "relu",
-                 weight_init_std: float | str = "he", weight_decay_lambda: float = 0.0, seed: int | None = 0,
-                 backend: str | Backend | None = None, dtype: Any = "float64") -> None:
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size_list: list[int],
+        output_size: int,
+        activation: str = "relu",
+        weight_init_std: float | str = "he",
+        weight_decay_lambda: float = 0.0,
+        seed: int | None = 0,
+        backend: str | Backend | None = None,
+        dtype: Any = "float64",
+    ) -> None:
         sizes = [input_size, *hidden_size_list, output_size]
         if isinstance(weight_init_std, str):
             rule = v.check_choice(weight_init_std.lower(), ("he", "relu", "xavier", "sigmoid"), "weight_init_std")

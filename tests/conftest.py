@@ -70,5 +70,7 @@ def assert_gradients_close(numeric, reference, *, rtol=0.0, atol=1e-9, context="
             problems.append(f"{name}: shape {got.shape}, expected {want.shape}")
         elif not np.allclose(got, want, rtol=rtol, atol=atol):
             i = np.unravel_index(np.argmax(np.abs(got - want)), want.shape)
-            problems.append(f"{name}{list(i)}: {got[i]:.6e} vs reference {want[i]:.6e} (|diff| {abs(got[i]-want[i]):.2e})")
+            problems.append(
+                f"{name}{list(i)}: {got[i]:.6e} vs reference {want[i]:.6e} (|diff| {abs(got[i] - want[i]):.2e})"
+            )
     assert not problems, f"{context}: gradients differ (rtol={rtol}, atol={atol})\n  " + "\n  ".join(problems)
