@@ -249,7 +249,7 @@ def _segment_sums(xp, values: Array, starts: Array) -> Array:
     return xp.add.reduceat(values, starts)
 
 
-def _last_layer_differences(xp, cache: ForwardCache, labels, h, n_classes):
+def _last_layer_differences(xp, cache: ForwardCache, labels, h):
     """Central differences of the mean loss for W_L and b_L: one score column moves by +-d.
 
     With d = h * z[b, i], the new log-sum-exp is lse + log1p(p[b, j] * expm1(+-d)) (the base
@@ -284,14 +284,12 @@ def numerical_gradient_incremental(
     """
     xp = ops.xp
     n_layers = len(weights)
-    batch = x.shape[0]
     cache = forward_cache(xp, ops, weights, biases, x, labels, activation, alpha)
-    n_classes = weights[-1].shape[1]
     dWs, dbs = [], []
     for layer in range(n_layers):
         W = weights[layer]
         if layer == n_layers - 1:
-            dW, db = _last_layer_differences(xp, cache, labels, h, n_classes)
+            dW, db = _last_layer_differences(xp, cache, labels, h)
         elif layer == n_layers - 2 and ops.hidden_to_output is not None:
             dW, db = ops.hidden_to_output(cache, weights, biases, labels, activation, alpha, h, layer)
         else:
