@@ -34,10 +34,12 @@ def activation_backward(xp, kind: str, dout: Array, x: Array, y: Array, alpha: f
     """dL/dx from dL/dy for the activation y = f(x)."""
     if kind == "relu":
         return xp.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
-    if kind == "sigmoid":
-        return dout * (1 - y) * y
-    if kind == "tanh":
-        return dout * (1 - y * y)
+    if kind == "sigmoid":  # e / (1 + e)^2 with e = exp(-|x|): exact where (1 - y) * y would cancel
+        e = xp.exp(-xp.abs(x))
+        return dout * (e / ((1 + e) * (1 + e)))
+    if kind == "tanh":  # 4 e / (1 + e)^2 with e = exp(-2|x|), rather than 1 - y^2
+        e = xp.exp(-2 * xp.abs(x))
+        return dout * (4 * e / ((1 + e) * (1 + e)))
     if kind == "leaky_relu":
         return xp.where(x > 0, dout, dout * dout.dtype.type(alpha))
     raise ValueError(f"unknown activation {kind!r}")

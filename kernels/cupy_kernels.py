@@ -13,6 +13,7 @@ accumulates with atomics: repeated calls give bit-identical results.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import cupy
@@ -81,15 +82,16 @@ __global__ void gg_softmax_xent(const F* scores, const long long* labels, F* pro
     partial[threadIdx.x] = local;
     __syncthreads();
     for (int half = GG_XENT_BLOCK / 2; half > 0; half /= 2) {
-        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        if ((int)threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
         __syncthreads();
     }
     if (threadIdx.x == 0) loss[0] = (F)(partial[0] / (double)n_rows);
 }
 
-// Cross-entropy of each row of scores (n_rows, n_classes) against labels[row % n_labels].
+// Cross-entropy of each row r of scores (n_rows, n_classes) against labels[(r / repeat) % n_labels]:
+// rows (n_labels, repeat) or (repeat', n_labels) of per-sample scores with repeat = 1.
 __global__ void gg_row_xent(const double* scores, const long long* labels, double* out,
-                            long long n_rows, int n_classes, long long n_labels) {
+                            long long n_rows, int n_classes, long long n_labels, long long repeat) {
     const long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (r >= n_rows) return;
     const double* s = scores + r * n_classes;
@@ -97,7 +99,7 @@ __global__ void gg_row_xent(const double* scores, const long long* labels, doubl
     for (int c = 1; c < n_classes; ++c) m = s[c] > m ? s[c] : m;
     double total = 0.0;
     for (int c = 0; c < n_classes; ++c) total += exp(s[c] - m);
-    out[r] = log(total) - (s[labels[r % n_labels]] - m);
+    out[r] = log(total) - (s[labels[(r / repeat) % n_labels]] - m);
 }
 
 __device__ __forceinline__ double gg_activation(int kind, double x, double alpha) {
@@ -215,21 +217,23 @@ def _elementwise(in_params: str, out_params: str, operation: str, name: str) -> 
 
 
 _FORWARD = {
-    kind: _elementwise("T x, float64 alpha", "T y", f"y = {expr}", f"gradgap_{kind}_forward")
-    for kind, expr in {
-        "relu": "gg_relu(x)",
-        "sigmoid": "gg_sigmoid(x)",
-        "tanh": "tanh(x)",
-        "leaky_relu": "gg_leaky_relu(x, (T)alpha)",
+    kind: _elementwise("T x, float64 alpha", "T y", operation, f"gradgap_{kind}_forward")
+    for kind, operation in {
+        "relu": "y = gg_relu(x)",
+        "sigmoid": "y = gg_sigmoid(x)",
+        "tanh": "y = tanh(x)",
+        "leaky_relu": "y = gg_leaky_relu(x, (T)alpha)",
     }.items()
 }
+# From x, as the reference computes them: sigmoid' = e / (1 + e)^2 with e = exp(-|x|) and
+# tanh' = 4 e / (1 + e)^2 with e = exp(-2|x|), so that no 1 - y cancels where the unit saturates.
 _BACKWARD = {
-    kind: _elementwise("T dout, T x, T y, float64 alpha", "T dx", f"dx = {expr}", f"gradgap_{kind}_backward")
-    for kind, expr in {
-        "relu": "x > T(0) ? dout : T(0)",
-        "sigmoid": "dout * (T(1) - y) * y",
-        "tanh": "dout * (T(1) - y * y)",
-        "leaky_relu": "x > T(0) ? dout : dout * (T)alpha",
+    kind: _elementwise("T dout, T x, T y, float64 alpha", "T dx", operation, f"gradgap_{kind}_backward")
+    for kind, operation in {
+        "relu": "dx = x > T(0) ? dout : T(0)",
+        "sigmoid": "const T e = exp(-fabs(x)); dx = dout * (e / ((T(1) + e) * (T(1) + e)))",
+        "tanh": "const T e = exp(T(-2) * fabs(x)); dx = dout * (T(4) * e / ((T(1) + e) * (T(1) + e)))",
+        "leaky_relu": "dx = x > T(0) ? dout : dout * (T)alpha",
     }.items()
 }
 # dscores = (probs - onehot(labels)) * scale, probs (B, C) read in C order (i = b * C + c).
@@ -305,60 +309,72 @@ def softmax_cross_entropy_backward(probs: Array, target: Array, dout: float = 1.
     return _XENT_BACKWARD(probs, _labels(target), n_classes, float(dout) / probs.shape[0])
 
 
-def _row_losses(scores: Array, labels: Array) -> Array:
-    """Cross-entropy of each row of scores (R, C) float64 against labels[row % len(labels)] -> (R,)."""
+def _row_losses(scores: Array, labels: Array, repeat: int = 1) -> Array:
+    """Cross-entropy of each row r of scores (R, C) float64 against labels[(r // repeat) % len(labels)] -> (R,)."""
     scores = cupy.ascontiguousarray(scores)
     n_rows = scores.shape[0]
     out = cupy.empty(n_rows, dtype=cupy.float64)
-    _launch(
-        "gg_row_xent", n_rows, (scores, labels, out, np.int64(n_rows), np.int32(scores.shape[1]), np.int64(labels.size))
-    )
+    args = (scores, labels, out, np.int64(n_rows), np.int32(scores.shape[1]), np.int64(labels.size), np.int64(repeat))
+    _launch("gg_row_xent", n_rows, args)
     return out
 
 
 def _set_losses(scores: Array, labels: Array) -> Array:
-    """Mean cross-entropy per parameter set. scores: (S, B, C) float64; labels: (B,) int64 -> (S,)."""
-    sets, batch, n_classes = scores.shape
-    return _row_losses(scores.reshape(sets * batch, n_classes), labels).reshape(sets, batch).mean(axis=1)
+    """Mean cross-entropy per parameter set. scores: (B, S, C) float64; labels: (B,) int64 -> (S,)."""
+    batch, sets, n_classes = scores.shape
+    return _row_losses(scores.reshape(batch * sets, n_classes), labels, repeat=sets).reshape(batch, sets).mean(axis=0)
 
 
 _OPS = g.Ops(xp=cupy, activation=activation_forward, set_losses=_set_losses)
 
 
 def _chunk_bytes() -> int:
-    """Working-set budget for one chunk: a quarter of the free device memory (what cupy's pool holds
-    unused counts as free), at most _MAX_CHUNK_BYTES, rounded down to a power of two so that repeated
-    calls get the same chunks (and so the same GEMM shapes and bit-identical results)."""
+    """Working-set budget of one chunk of the numerical-gradient methods, in bytes.
+
+    A quarter of the free device memory (blocks that cupy's pool holds unused count as free), at
+    most _MAX_CHUNK_BYTES, rounded down to a power of two: repeated calls get the same chunks, so
+    the same GEMM shapes and bit-identical results.
+    """
     free, _total = cupy.cuda.runtime.memGetInfo()
     available = free + cupy.get_default_memory_pool().free_bytes()
     budget = max(1, min(_MAX_CHUNK_BYTES, available // 4))
     return 1 << (budget.bit_length() - 1)
 
 
-def numerical_gradient_batched(weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None):
-    """Brute force on the device: a chunk of perturbed parameter sets per GEMM (batched GEMM for deep
-    layers), the chunk sized from free device memory. Returns float64 (dWs, dbs)."""
-    return g.numerical_gradient_batched(
-        _OPS,
-        weights,
-        biases,
-        x,
-        _labels(labels),
-        activation,
-        alpha,
-        weight_decay,
-        h,
-        progress,
-        chunk_bytes=_chunk_bytes(),
-    )
+def numerical_gradient_batched(
+    weights: list[Array],
+    biases: list[Array],
+    x: Array,
+    labels: Array,
+    activation: str,
+    alpha: float,
+    weight_decay: float,
+    h: float,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Array], list[Array]]:
+    """Brute force on the device: a chunk of perturbed parameter sets per GEMM (one batched GEMM for a
+    deeper layer), the chunk sized from free device memory. float64 (dWs, dbs)."""
+    args = (weights, biases, x, _labels(labels), activation, alpha, weight_decay, h, progress)
+    return g.numerical_gradient_batched(_OPS, *args, chunk_bytes=_chunk_bytes())
 
 
-def numerical_gradient_incremental(weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None):
-    """Exact central differences recomputing only what each perturbation changes (see _generic).
+def numerical_gradient_incremental(
+    weights: list[Array],
+    biases: list[Array],
+    x: Array,
+    labels: Array,
+    activation: str,
+    alpha: float,
+    weight_decay: float,
+    h: float,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Array], list[Array]]:
+    """Exact central differences, recomputing only what each perturbation changes. float64 (dWs, dbs).
 
     The last layer and the hidden layer that feeds it take one launch each, a thread per parameter
-    summing over the batch in order; deeper layers recompute the rest of the pass for the changed
-    (input, sample) pairs in chunks of units and sum per input in order. Deterministic: no atomics.
+    that sums over the batch in order; a deeper layer recomputes the rest of the pass for its
+    changed (input, sample) pairs, a chunk of units at a time, and sums each input's pairs in order.
+    No atomics: repeated calls are bit-identical.
     """
     labels = _labels(labels)
     cache = g.forward_cache(cupy, _OPS, weights, biases, x, labels, activation, alpha)
@@ -386,24 +402,11 @@ def numerical_gradient_incremental(weights, biases, x, labels, activation, alpha
 def _last_layer_differences(cache: g.ForwardCache, labels: Array, h: float, denom: np.float64) -> Array:
     """(n_in + 1, C) float64: the last layer's W differences, then its b's as the last row."""
     z = cupy.ascontiguousarray(cache.inputs[-1])
-    batch, n_in = z.shape
-    n_classes = cache.probs.shape[1]
+    probs = cupy.ascontiguousarray(cache.probs)
+    (batch, n_in), n_classes = z.shape, probs.shape[1]
     grad = cupy.empty((n_in + 1, n_classes), dtype=cupy.float64)
-    _launch(
-        "gg_last_layer_diff",
-        grad.size,
-        (
-            z,
-            cupy.ascontiguousarray(cache.probs),
-            labels,
-            grad,
-            np.int32(batch),
-            np.int32(n_in),
-            np.int32(n_classes),
-            np.float64(h),
-            denom,
-        ),
-    )
+    sizes = np.int32(batch), np.int32(n_in), np.int32(n_classes)
+    _launch("gg_last_layer_diff", grad.size, (z, probs, labels, grad, *sizes, np.float64(h), denom))
     return grad
 
 
@@ -418,37 +421,23 @@ def _hidden_to_output_differences(
     layer: int,
 ) -> Array:
     """(n_in + 1, n_out) float64 for the hidden layer ``layer`` that feeds the output layer."""
-    z_in = cupy.ascontiguousarray(cache.inputs[layer])
-    pre = cupy.ascontiguousarray(cache.pre[layer])
-    batch, n_in = z_in.shape
-    n_out = pre.shape[1]
-    n_classes = W_next.shape[1]
-    grad = cupy.empty((n_in + 1, n_out), dtype=cupy.float64)
-    args = (
-        z_in,
-        pre,
-        cupy.ascontiguousarray(cache.inputs[layer + 1]),
-        cupy.ascontiguousarray(W_next),
-        cupy.ascontiguousarray(cache.probs),
-        labels,
-        grad,
-        np.int32(batch),
-        np.int32(n_in),
-        np.int32(n_out),
-        np.int32(n_classes),
-        np.int32(_ACTIVATION_CODES[activation]),
-        np.float64(alpha),
-        np.float64(h),
-        denom,
+    z_in, pre, act_out, w_next, probs = (
+        cupy.ascontiguousarray(a)
+        for a in (cache.inputs[layer], cache.pre[layer], cache.inputs[layer + 1], W_next, cache.probs)
     )
+    (batch, n_in), n_out, n_classes = z_in.shape, pre.shape[1], w_next.shape[1]
+    grad = cupy.empty((n_in + 1, n_out), dtype=cupy.float64)
+    sizes = np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(n_classes)
+    kind = np.int32(_ACTIVATION_CODES[activation])
+    args = (z_in, pre, act_out, w_next, probs, labels, grad, *sizes, kind, np.float64(alpha), np.float64(h), denom)
     _launch("gg_hidden_to_output_diff", grad.size, args)
     return grad
 
 
 def _deep_layer_differences(
     cache: g.ForwardCache,
-    weights,
-    biases,
+    weights: list[Array],
+    biases: list[Array],
     labels: Array,
     activation: str,
     alpha: float,
@@ -456,21 +445,20 @@ def _deep_layer_differences(
     layer: int,
     chunk_bytes: int,
 ) -> Array:
-    """Summed loss differences (n_in + 1, n_out) float64 for a hidden layer two or more layers from the output.
+    """Summed loss differences (n_in + 1, n_out) float64 of a hidden layer two or more layers before the output.
 
     W[i, j] += step moves column j of the next layer's input by a rank-1 term for the samples b with
-    input[b, i] != 0 (the (i, b) pairs, ordered by i; the bias is an input of ones); the rest of the
-    pass is recomputed for all pairs of a chunk of units j at once, and each input i's pairs are
-    summed in order. Finding the pairs costs one host sync (their count) per layer.
+    input[b, i] != 0: the (i, b) pairs, ordered by i, the bias being an input of ones. The rest of
+    the pass is recomputed for every pair of a chunk of units j at once, then each input's pairs are
+    summed in order. Finding the pairs waits for the device once (their count) per layer.
     """
     z_in = cache.inputs[layer]
     batch, n_in = z_in.shape
     n_out = weights[layer].shape[1]
-    n_layers = len(weights)
     with_bias = cupy.concatenate([z_in.T, cupy.ones((1, batch), dtype=cupy.float64)])
     rows, samples = cupy.nonzero(with_bias)
     n_pairs = int(rows.size)
-    offsets = cupy.zeros(n_in + 2, dtype=cupy.int64)
+    offsets = cupy.zeros(n_in + 2, dtype=cupy.int64)  # pairs of input i: offsets[i] .. offsets[i + 1]
     offsets[1:] = cupy.cumsum(cupy.count_nonzero(with_bias, axis=1))
     steps = h * with_bias[rows, samples]
     pre_units = cupy.ascontiguousarray(cache.pre[layer][samples].T)  # (n_out, n_pairs)
@@ -479,8 +467,7 @@ def _deep_layer_differences(
     base_loss = cache.per_sample_loss[samples]
     pair_labels = labels[samples]
     W_next = weights[layer + 1]
-    widths_after = [W.shape[1] for W in weights[layer + 1 :]]
-    per_unit = 8 * n_pairs * (4 + 3 * sum(widths_after))
+    per_unit = 8 * n_pairs * (4 + 3 * sum(W.shape[1] for W in weights[layer + 1 :]))
     units = max(1, min(n_out, chunk_bytes // per_unit))
     grad = cupy.empty((n_in + 1, n_out), dtype=cupy.float64)
     for first in range(0, n_out, units):
@@ -491,22 +478,10 @@ def _deep_layer_differences(
             dz = activation_forward(activation, pre_units[chunk] + signed_steps, alpha) - base_units[chunk]
             a = _RANK1_UPDATE(pre_next, dz[:, :, None], W_next[chunk][:, None, :])  # (units, n_pairs, n_next)
             a = a.reshape(n_units * n_pairs, a.shape[2])
-            for m in range(layer + 2, n_layers):
+            for m in range(layer + 2, len(weights)):
                 a = affine_forward(activation_forward(activation, a, alpha), weights[m], biases[m])
             changes.append(_row_losses(a, pair_labels).reshape(n_units, n_pairs) - base_loss)
         diff = changes[0] - changes[1]
-        _launch(
-            "gg_segment_sums",
-            (n_in + 1) * n_units,
-            (
-                diff,
-                offsets,
-                grad,
-                np.int32(n_in + 1),
-                np.int32(n_units),
-                np.int64(n_pairs),
-                np.int32(n_out),
-                np.int32(first),
-            ),
-        )
+        sizes = np.int32(n_in + 1), np.int32(n_units), np.int64(n_pairs), np.int32(n_out), np.int32(first)
+        _launch("gg_segment_sums", (n_in + 1) * n_units, (diff, offsets, grad, *sizes))
     return grad

@@ -78,22 +78,30 @@ def _exp_reduced(w):
 
 
 @njit(**JIT)
-def _sigmoid_1d(x, out):
-    """out = 1 / (1 + exp(-x)), as 1 / (1 + e) or e / (1 + e) with e = exp(-|x|) <= 1: never overflows."""
+def _exp_neg_abs(x, c):
+    """exp(-c |x|) elementwise (float64, c > 0): never overflows; vectorised but for arguments < -708."""
     n = x.size
+    out = np.empty(n)
     bits = np.empty(n, dtype=np.int64)
     for i in range(n):
-        p, k = _exp_reduced(max(-abs(x[i]), _EXP_MIN))
+        p, k = _exp_reduced(max(-c * abs(x[i]), _EXP_MIN))
         out[i] = p
         bits[i] = (np.int64(k) + 1023) << 52
     scale = bits.view(np.float64)
     for i in range(n):
-        e = out[i] * scale[i]
-        out[i] = (1.0 if x[i] >= 0 else e) / (1.0 + e)
+        out[i] *= scale[i]
     for i in range(n):  # below e**-708 (rare): the exact scalar exp, subnormals and underflow to 0 included
-        if -abs(x[i]) < _EXP_MIN:
-            e = math.exp(-abs(x[i]))
-            out[i] = (1.0 if x[i] >= 0 else e) / (1.0 + e)
+        if -c * abs(x[i]) < _EXP_MIN:
+            out[i] = math.exp(-c * abs(x[i]))
+    return out
+
+
+@njit(**JIT)
+def _sigmoid_1d(x, out):
+    """out = 1 / (1 + exp(-x)), as 1 / (1 + e) or e / (1 + e) with e = exp(-|x|) <= 1."""
+    e = _exp_neg_abs(x, 1.0)
+    for i in range(x.size):
+        out[i] = (1.0 if x[i] >= 0 else e[i]) / (1.0 + e[i])
 
 
 @njit(**JIT)
@@ -118,12 +126,14 @@ def _activation_backward_1d(code, dout, x, y, alpha, out):
     if code == 0:
         for i in range(n):
             out[i] = dout[i] if x[i] > 0 else 0.0
-    elif code == 1:
+    elif code == 1:  # sigma'(x) = e / (1 + e)^2 with e = exp(-|x|): no cancellation where sigma saturates
+        e = _exp_neg_abs(x, 1.0)
         for i in range(n):
-            out[i] = dout[i] * (1.0 - y[i]) * y[i]
-    elif code == 2:
+            out[i] = dout[i] * (e[i] / ((1.0 + e[i]) * (1.0 + e[i])))
+    elif code == 2:  # tanh'(x) = 4 e / (1 + e)^2 with e = exp(-2|x|), rather than 1 - y^2
+        e = _exp_neg_abs(x, 2.0)
         for i in range(n):
-            out[i] = dout[i] * (1.0 - y[i] * y[i])
+            out[i] = dout[i] * (4.0 * e[i] / ((1.0 + e[i]) * (1.0 + e[i])))
     else:
         for i in range(n):
             out[i] = dout[i] if x[i] > 0 else dout[i] * alpha

@@ -74,3 +74,19 @@ def assert_gradients_close(numeric, reference, *, rtol=0.0, atol=1e-9, context="
                 f"{name}{list(i)}: {got[i]:.6e} vs reference {want[i]:.6e} (|diff| {abs(got[i] - want[i]):.2e})"
             )
     assert not problems, f"{context}: gradients differ (rtol={rtol}, atol={atol})\n  " + "\n  ".join(problems)
+
+
+@pytest.fixture(scope="session")
+def mnist_train(mnist_dir):
+    """(x_train float64 normalised (60000, 784), t_train int64 labels) from the real files."""
+    from nets.data import load_mnist
+
+    (x_train, t_train), _ = load_mnist(dtype="float64", data_dir=mnist_dir)
+    return x_train, t_train
+
+
+@pytest.fixture(scope="session")
+def mnist_batch(mnist_train):
+    """The seed setting's batch: the first 100 training images and their labels."""
+    x_train, t_train = mnist_train
+    return np.array(x_train[:100]), np.array(t_train[:100])
