@@ -14,14 +14,18 @@ if TYPE_CHECKING:
     from nets.networks import _FeedForwardNet
 
 Array = Any
+_PROGRESS_EVERY = 256
 
 
-def numerical_gradient(f: Callable[[Array], Any], x: Array, h: float = 1e-4) -> Array:
+def numerical_gradient(
+    f: Callable[[Array], Any], x: Array, h: float = 1e-4, *, progress: Callable[[int], None] | None = None
+) -> Array:
     """Central differences of the scalar function f at x, textbook semantics.
 
     Each element of x (numpy or cupy array, any shape) is moved to x + h and x - h in place,
     f(x) is called with the perturbed array, and the element is put back, also when f raises
     or is interrupted. Returns float64 (f(x + h) - f(x - h)) / 2h, shaped like x.
+    ``progress``, if given, is called with the number of elements finished, every 256 elements.
     """
     step = v.check_step(h)
     if not hasattr(x, "dtype") or x.dtype.kind != "f":
@@ -30,7 +34,7 @@ def numerical_gradient(f: Callable[[Array], Any], x: Array, h: float = 1e-4) -> 
         )
     xp = _array_module(x)
     grad = xp.zeros(x.shape, dtype=xp.float64)
-    for idx in np.ndindex(*x.shape):
+    for count, idx in enumerate(np.ndindex(*x.shape), start=1):
         original = x[idx].copy()
         try:
             x[idx] = original + step
@@ -40,6 +44,8 @@ def numerical_gradient(f: Callable[[Array], Any], x: Array, h: float = 1e-4) -> 
         finally:
             x[idx] = original
         grad[idx] = (loss_plus - loss_minus) / (2 * step)
+        if progress is not None and (count % _PROGRESS_EVERY == 0 or count == x.size):
+            progress(count % _PROGRESS_EVERY or _PROGRESS_EVERY)
     return grad
 
 
@@ -122,7 +128,5 @@ def _naive(net: _FeedForwardNet, x: Array, labels: Array, h: float, update) -> d
 
     grads = {}
     for name in names:
-        grads[name] = numerical_gradient(loss, params64[name], h)
-        if update is not None:
-            update(params64[name].size)
+        grads[name] = numerical_gradient(loss, params64[name], h, progress=update)
     return grads
