@@ -5,7 +5,7 @@ Affine maps are cuBLAS GEMMs (cupy matmul); activations are ElementwiseKernels; 
 cross-entropy is one fused launch that leaves the loss on the device as a 0-d array; the two
 numerical-gradient methods run on the device without a host round trip per step.
 
-Every kernel is compiled with ``--fmad=false``: a product followed by a sum is rounded twice, as
+Every kernel here is compiled with ``--fmad=false``: a product followed by a sum is rounded twice, as
 NumPy rounds it, so float64 results match the NumPy reference to the last few bits, and nothing
 accumulates with atomics: repeated calls give bit-identical results.
 """
