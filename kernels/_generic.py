@@ -247,7 +247,7 @@ def forward_cache(xp, ops: Ops, weights, biases, x, labels, activation, alpha) -
 
 
 def _segment_sums(xp, values: Array, starts: Array) -> Array:
-    """Sums of consecutive segments of ``values`` starting at ``starts`` (sequential, deterministic)."""
+    """Sums of consecutive segments of ``values`` starting at ``starts`` (fixed order: deterministic)."""
     return xp.add.reduceat(values, starts)
 
 
