@@ -49,9 +49,10 @@ def get_backend(name: str | Backend | None = None) -> Backend:
     """
     if isinstance(name, Backend):
         return name
-    chosen = name or os.environ.get("GRADGAP_BACKEND") or "numpy"
+    unset = name is None or name == ""
+    chosen = (os.environ.get("GRADGAP_BACKEND") or "numpy") if unset else name
     if not isinstance(chosen, str) or chosen not in _BACKEND_MODULES:
-        source = "argument" if name else "GRADGAP_BACKEND"
+        source = "GRADGAP_BACKEND" if unset else "argument"
         raise UnknownBackendError(
             f"unknown backend {chosen!r} (from the {source}); valid names: {', '.join(BACKEND_NAMES)}"
         )

@@ -109,7 +109,7 @@ def _activation_1d(code, x, alpha, out):
     n = x.size
     if code == 0:
         for i in range(n):
-            out[i] = x[i] if x[i] > 0 else 0.0
+            out[i] = 0.0 if x[i] <= 0 else x[i]  # NaN propagates, as in NumPy
     elif code == 1:
         _sigmoid_1d(x, out)
     elif code == 2:
@@ -117,7 +117,7 @@ def _activation_1d(code, x, alpha, out):
             out[i] = math.tanh(x[i])
     else:
         for i in range(n):
-            out[i] = x[i] if x[i] > 0 else x[i] * alpha
+            out[i] = x[i] * alpha if x[i] <= 0 else x[i]
 
 
 @njit(**JIT)
@@ -313,8 +313,8 @@ def _activation_change(code, a, y, d, e, alpha):
         return (1.0 - y * y) * e / (1.0 + y * e)
     moved = a + d
     if code == 0:
-        return (moved if moved > 0 else 0.0) - y
-    return (moved if moved > 0 else moved * alpha) - y
+        return (0.0 if moved <= 0 else moved) - y
+    return (moved * alpha if moved <= 0 else moved) - y
 
 
 @njit(parallel=True, **JIT)

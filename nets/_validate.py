@@ -21,7 +21,7 @@ def check_dtype(dtype: Any) -> np.dtype:
         raise TypeError(f"dtype must be one of {FLOAT_DTYPES}; got {dtype!r}") from err
     if resolved.name not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {FLOAT_DTYPES}; got {resolved.name}")
-    return resolved
+    return np.dtype(resolved.name)  # native byte order
 
 
 def check_features(backend: Backend, x: Any, input_size: int, dtype: np.dtype) -> Array:
@@ -45,7 +45,9 @@ def check_features(backend: Backend, x: Any, input_size: int, dtype: np.dtype) -
 
 def check_finite(backend: Backend, a: Array, name: str) -> None:
     """ValueError if ``a`` holds NaN or Inf (one reduction; a full scan only when that is not finite)."""
-    if not math.isfinite(float(a.sum())) and not bool(backend.xp.isfinite(a).all()):
+    with np.errstate(over="ignore", invalid="ignore"):  # a finite sum can overflow; inf + -inf is nan
+        total = float(a.sum())
+    if not math.isfinite(total) and not bool(backend.xp.isfinite(a).all()):
         bad = int((~backend.xp.isfinite(a)).sum())
         raise ValueError(f"{name} contains {bad} NaN or Inf value(s); inputs must be finite")
 
@@ -81,6 +83,8 @@ def check_targets(backend: Backend, t: Any, batch: int, n_classes: int) -> Array
 
 def check_step(h: Any) -> float:
     """The finite-difference step: a finite float > 0."""
+    if isinstance(h, (str, bytes, bool)):
+        raise TypeError(f"h must be a positive finite number; got {h!r}")
     try:
         step = float(h)
     except (TypeError, ValueError) as err:
@@ -88,6 +92,36 @@ def check_step(h: Any) -> float:
     if not math.isfinite(step) or step <= 0:
         raise ValueError(f"h must be a positive finite number; got {h!r}")
     return step
+
+
+def check_sizes(sizes: Any) -> list[int]:
+    """Layer sizes as a list of positive ints; ValueError naming them otherwise."""
+    message = f"layer sizes must be positive integers; got {sizes}"
+    checked = []
+    for n in sizes:
+        if isinstance(n, (bool, str, bytes)):
+            raise ValueError(message)
+        try:
+            as_int = int(n)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise ValueError(message) from err
+        if as_int != n or as_int < 1:
+            raise ValueError(message)
+        checked.append(as_int)
+    return checked
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """A finite float >= 0 (weight decay and the like)."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        raise TypeError(f"{name} must be a number >= 0; got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a number >= 0; got {value!r}") from err
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{name} must be >= 0; got {value!r}")
+    return number
 
 
 def check_choice(value: Any, valid: tuple[str, ...], what: str) -> str:

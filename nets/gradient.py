@@ -28,7 +28,7 @@ def numerical_gradient(
     ``progress``, if given, is called with the number of elements finished, every 256 elements.
     """
     step = v.check_step(h)
-    if not hasattr(x, "dtype") or x.dtype.kind != "f":
+    if not hasattr(x, "dtype") or x.dtype.name not in v.FLOAT_DTYPES:
         raise TypeError(
             f"x must be a floating-point array; got {type(x).__name__} with dtype {getattr(x, 'dtype', None)}"
         )
@@ -105,13 +105,14 @@ def network_numerical_gradient(
 def _naive(net: _FeedForwardNet, x: Array, labels: Array, h: float, update) -> dict[str, Array]:
     """The textbook loop: two full forward passes per parameter, each element perturbed in place.
 
-    A float64 net is perturbed in its own arrays (restored afterwards); another dtype is
-    differenced on float64 copies so that h = 1e-4 is not lost to rounding.
+    The loop moves elements of float64 copies of the parameters, so the net's own arrays are
+    never written (not even by an interrupt between a move and its undo), and a float32 net is
+    differenced in float64, where h = 1e-4 is not lost to rounding.
     """
     be = net.backend
     kernels, xp = be.kernels, be.xp
     names = list(net.params)
-    params64 = {name: net.params[name].astype(xp.float64, copy=False) for name in names}
+    params64 = {name: net.params[name].astype(xp.float64, copy=True) for name in names}
     n_layers = net.n_layers
     decay = net.weight_decay_lambda
 

@@ -31,12 +31,8 @@ class _FeedForwardNet:
         self.backend = get_backend(backend)
         self.dtype = v.check_dtype(dtype)
         self.activation = v.check_choice(activation, ACTIVATIONS, "activation")
-        if any(int(n) != n or n < 1 for n in sizes):
-            raise ValueError(f"layer sizes must be positive integers; got {sizes}")
-        if not (np.isfinite(weight_decay_lambda) and weight_decay_lambda >= 0):
-            raise ValueError(f"weight_decay_lambda must be >= 0; got {weight_decay_lambda}")
-        self.sizes = [int(n) for n in sizes]
-        self.weight_decay_lambda = float(weight_decay_lambda)
+        self.sizes = v.check_sizes(sizes)
+        self.weight_decay_lambda = v.check_nonnegative(weight_decay_lambda, "weight_decay_lambda")
         self.alpha = LEAKY_SLOPE
         rng = np.random.default_rng(seed)  # drawn on the host: the same numbers on every backend
         self.params: dict[str, Array] = {}
@@ -80,10 +76,13 @@ class _FeedForwardNet:
                 self._build_layers()
                 return
 
-    def _inputs(self, x: Any, t: Any = None) -> tuple[Array, Array | None]:
+    def _inputs(self, x: Any, t: Any) -> tuple[Array, Array]:
         x = v.check_features(self.backend, x, self.input_size, self.dtype)
-        labels = None if t is None else v.check_targets(self.backend, t, x.shape[0], self.output_size)
-        return x, labels
+        return x, v.check_targets(self.backend, t, x.shape[0], self.output_size)
+
+    def _check_params_finite(self) -> None:
+        for name, p in self.params.items():
+            v.check_finite(self.backend, p, f"params[{name!r}]")
 
     def _scores(self, x: Array) -> Array:
         self._check_params()
@@ -100,8 +99,7 @@ class _FeedForwardNet:
 
     def predict(self, x: Any) -> Array:
         """Scores (batch, output_size) before the softmax, on the net's backend."""
-        x, _ = self._inputs(x)
-        return self._scores(x)
+        return self._scores(v.check_features(self.backend, x, self.input_size, self.dtype))
 
     def loss(self, x: Any, t: Any) -> float:
         """Mean cross-entropy (plus 0.5 * weight_decay_lambda * sum W**2). t: labels or one-hot."""
@@ -116,6 +114,7 @@ class _FeedForwardNet:
     def gradient(self, x: Any, t: Any) -> dict[str, Array]:
         """Backpropagation: {name: dL/dparam}, arrays like params."""
         x, labels = self._inputs(x, t)
+        self._check_params_finite()
         self.last_layer.forward(self._scores(x), labels)
         dout = self.last_layer.backward(1.0)
         for layer in reversed(self.layers):
@@ -142,6 +141,7 @@ class _FeedForwardNet:
         v.check_choice(method, NUMERICAL_METHODS, "method")
         step = v.check_step(h)
         x, labels = self._inputs(x, t)
+        self._check_params_finite()
         return network_numerical_gradient(self, x, labels, method, step, progress)
 
     def __repr__(self) -> str:
@@ -184,7 +184,9 @@ class MultiLayerNet(_FeedForwardNet):
         backend: str | Backend | None = None,
         dtype: Any = "float64",
     ) -> None:
-        sizes = [input_size, *hidden_size_list, output_size]
+        if isinstance(hidden_size_list, (str, bytes)) or not hasattr(hidden_size_list, "__iter__"):
+            raise TypeError(f"hidden_size_list must be a list of layer sizes; got {hidden_size_list!r}")
+        sizes = v.check_sizes([input_size, *hidden_size_list, output_size])
         if isinstance(weight_init_std, str):
             rule = v.check_choice(weight_init_std.lower(), ("he", "relu", "xavier", "sigmoid"), "weight_init_std")
             gain = 2.0 if rule in ("he", "relu") else 1.0
@@ -195,7 +197,15 @@ class MultiLayerNet(_FeedForwardNet):
 
 
 def _fixed_scale(value: Any) -> float:
-    scale = float(value)
+    message = f"weight_init_std must be a positive number, 'he' or 'xavier'; got {value!r}"
+    if isinstance(value, (str, bytes)):  # a rule name: TwoLayerNet takes numbers only
+        raise ValueError(message)
+    if isinstance(value, bool) or value is None:
+        raise TypeError(message)
+    try:
+        scale = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(message) from err
     if not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"weight_init_std must be a positive number, 'he' or 'xavier'; got {value!r}")
+        raise ValueError(message)
     return scale

@@ -470,15 +470,7 @@ def _interrupt_at_line(k: int, call: Callable[[], Any]) -> int:
 
 
 INTERRUPT_CASES = [
-    pytest.param(
-        "naive",
-        "float64",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="bug: nets/gradient.py _naive perturbs a float64 net's own arrays; an interrupt landing on the "
-            "restoring line of numerical_gradient's finally leaves a parameter moved by +-h (reported)",
-        ),
-    ),
+    ("naive", "float64"),
     ("naive", "float32"),
     ("batched", "float64"),
     ("incremental", "float64"),
