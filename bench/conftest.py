@@ -15,6 +15,9 @@ from backends import BACKEND_NAMES, BackendError, get_backend
 from bench.common import LARGEST_BATCH, PROFILES, Batch, Profile, blas_threads, load_data, warm_up
 
 _WARMED: set[str] = set()  # backends whose code paths have run once this session (see warm_up)
+# Thread settings as the session started (imported libraries, dask for one, set some of them later).
+_THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GRADGAP_BACKEND")
+STARTING_ENV = {name: os.environ[name] for name in _THREAD_VARS if name in os.environ}
 
 
 def pytest_addoption(parser):
@@ -84,17 +87,7 @@ def machine_details(profile_name: str) -> dict:
         "blas": _blas_libraries(),
         "blas_threads": blas_threads(),
         "versions": {name: _version(name) for name in ("numpy", "scipy", "numba", "threadpoolctl", "torch")},
-        "env": {
-            name: os.environ[name]
-            for name in (
-                "OMP_NUM_THREADS",
-                "NUMBA_NUM_THREADS",
-                "OPENBLAS_NUM_THREADS",
-                "MKL_NUM_THREADS",
-                "GRADGAP_BACKEND",
-            )
-            if name in os.environ
-        },
+        "env": STARTING_ENV,
     }
     details["versions"]["cupy"] = next(
         (v for v in (_version(n) for n in ("cupy", "cupy-cuda12x", "cupy-cuda13x")) if v), None
