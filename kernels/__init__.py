@@ -13,6 +13,8 @@ Contract (every backend module defines each name in KERNEL_NAMES):
     softmax_cross_entropy(scores, target) -> (loss, probs)  target: labels (B,) int or one-hot (B, C);
                                                             loss: mean over the batch (0-d array)
     softmax_cross_entropy_backward(probs, target, dout=1.0) -> dscores = dout * (probs - onehot) / B
+    network_gradient(weights, biases, x, labels, activation, alpha) -> (loss, dWs, dbs)
+                                                            fused backprop of the whole stack (labels (B,))
     numerical_gradient_batched(weights, biases, x, labels, activation, alpha, weight_decay, h,
                                progress=None) -> (dWs, dbs)
     numerical_gradient_incremental(...same...) -> (dWs, dbs)
@@ -32,6 +34,7 @@ KERNEL_NAMES = (
     "softmax",
     "softmax_cross_entropy",
     "softmax_cross_entropy_backward",
+    "network_gradient",
     "numerical_gradient_batched",
     "numerical_gradient_incremental",
 )

@@ -45,6 +45,80 @@ def activation_backward(xp, kind: str, dout: Array, x: Array, y: Array, alpha: f
     raise ValueError(f"unknown activation {kind!r}")
 
 
+def activation_with_derivative(xp, kind: str, a: Array, alpha: float) -> tuple[Array, Array]:
+    """(f(a), f'(a)) in one sweep, for backprop; the derivative is cancellation-free."""
+    if kind == "sigmoid":  # e = exp(-|a|): f = 1/(1+e) or e/(1+e); f' = e/(1+e)^2
+        e = xp.abs(a)
+        xp.negative(e, out=e)
+        xp.exp(e, out=e)
+        r = e + 1
+        xp.reciprocal(r, out=r)  # 1/(1+e)
+        e *= r  # e/(1+e)
+        derivative = e * r
+        xp.copyto(r, e, where=a < 0)  # r becomes f(a)
+        return r, derivative
+    if kind == "tanh":  # f' = 4e/(1+e)^2 with e = exp(-2|a|)
+        e = xp.abs(a)
+        e *= -2
+        xp.exp(e, out=e)
+        r = e + 1
+        xp.reciprocal(r, out=r)
+        e *= r
+        e *= r
+        e *= 4
+        return xp.tanh(a), e
+    if kind == "relu":
+        positive = a > 0
+        return xp.maximum(a, 0), positive.astype(a.dtype)
+    if kind == "leaky_relu":
+        positive = a > 0
+        slope = a.dtype.type(alpha)
+        return xp.where(positive, a, a * slope), xp.where(positive, a.dtype.type(1), slope)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def softmax_cross_entropy_gradient(xp, scores: Array, labels: Array) -> tuple[Array, Array]:
+    """(mean loss, (softmax - onehot) / B) for integer labels; ``scores`` is overwritten."""
+    batch = scores.shape[0]
+    rows = xp.arange(batch)
+    scores -= scores.max(axis=1, keepdims=True)
+    picked = scores[rows, labels]
+    xp.exp(scores, out=scores)
+    total = scores.sum(axis=1, keepdims=True)
+    scores /= total
+    loss = (xp.log(total[:, 0]) - picked).mean()
+    scores[rows, labels] -= 1
+    scores *= scores.dtype.type(1 / batch)
+    return loss, scores
+
+
+def network_gradient(xp, ops: Ops, weights, biases, x, labels, activation, alpha):
+    """Fused backprop of an affine/activation stack with softmax cross-entropy: (loss, dWs, dbs).
+
+    The forward pass keeps f'(a) rather than a and f(a); the scores buffer becomes dL/dscores in
+    place; dL/dx of the first layer is never formed.
+    """
+    n_layers = len(weights)
+    inputs, derivatives = [x], []
+    for m in range(n_layers - 1):
+        a = inputs[-1] @ weights[m]
+        a += biases[m]
+        z, derivative = ops.activation_with_derivative(activation, a, alpha)
+        inputs.append(z)
+        derivatives.append(derivative)
+    scores = inputs[-1] @ weights[-1]
+    scores += biases[-1]
+    loss, dout = ops.softmax_cross_entropy_gradient(scores, labels)
+    dWs, dbs = [None] * n_layers, [None] * n_layers
+    for m in reversed(range(n_layers)):
+        dWs[m] = inputs[m].T @ dout
+        dbs[m] = dout.sum(axis=0)
+        if m > 0:
+            dout = dout @ weights[m].T
+            dout *= derivatives[m - 1]
+    return loss, dWs, dbs
+
+
 def log_softmax_parts(xp, scores: Array) -> tuple[Array, Array, Array]:
     """(shifted, exp(shifted), row sums) with shifted = scores - rowmax, over the last axis."""
     shifted = scores - scores.max(axis=-1, keepdims=True)
@@ -92,6 +166,9 @@ class Ops:
     xp: Any
     activation: Callable[[str, Array, float], Array]  # (kind, x 2-D, alpha) -> f(x)
     set_losses: Callable[[Array, Array], Array]  # (scores (B, S, C), labels (B,)) -> (S,)
+    # backprop pieces: (kind, a, alpha) -> (f(a), f'(a)); (scores, labels) -> (loss, dscores)
+    activation_with_derivative: Callable[..., tuple[Array, Array]] | None = None
+    softmax_cross_entropy_gradient: Callable[..., tuple[Array, Array]] | None = None
     # optional fast path for the layer that feeds the output layer: same arguments and result as
     # _hidden_layer_differences
     hidden_to_output: Callable[..., tuple[Array, Array]] | None = None

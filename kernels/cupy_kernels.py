@@ -325,7 +325,20 @@ def _set_losses(scores: Array, labels: Array) -> Array:
     return _row_losses(scores.reshape(batch * sets, n_classes), labels, repeat=sets).reshape(batch, sets).mean(axis=0)
 
 
-_OPS = g.Ops(xp=cupy, activation=activation_forward, set_losses=_set_losses)
+_OPS = g.Ops(
+    xp=cupy,
+    activation=activation_forward,
+    set_losses=_set_losses,
+    activation_with_derivative=functools.partial(g.activation_with_derivative, cupy),
+    softmax_cross_entropy_gradient=functools.partial(g.softmax_cross_entropy_gradient, cupy),
+)
+
+
+def network_gradient(
+    weights: list, biases: list, x: Array, labels: Array, activation: str, alpha: float = LEAKY_SLOPE
+) -> tuple[Array, list, list]:
+    """Fused backprop (kernels._generic.network_gradient) on the device; the loss stays a 0-d device array."""
+    return g.network_gradient(cupy, _OPS, weights, biases, x, labels, activation, alpha)
 
 
 def _chunk_bytes() -> int:

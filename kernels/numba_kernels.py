@@ -155,6 +155,41 @@ def activation_backward(kind, dout, x, y, alpha=LEAKY_SLOPE):
     return out
 
 
+@njit(**JIT)
+def _activation_with_derivative_1d(code, a, alpha, out, derivative):
+    """out = f(a) and derivative = f'(a) in one sweep (sigmoid/tanh derivatives from exp(-|a|))."""
+    n = a.size
+    if code == 0:
+        for i in range(n):
+            out[i] = 0.0 if a[i] <= 0 else a[i]
+            derivative[i] = 1.0 if a[i] > 0 else 0.0
+    elif code == 1:
+        e = _exp_neg_abs(a, 1.0)
+        for i in range(n):
+            r = 1.0 / (1.0 + e[i])
+            q = e[i] * r
+            out[i] = r if a[i] >= 0 else q
+            derivative[i] = q * r
+    elif code == 2:
+        e = _exp_neg_abs(a, 2.0)
+        for i in range(n):
+            r = 1.0 / (1.0 + e[i])
+            out[i] = math.tanh(a[i])
+            derivative[i] = 4.0 * e[i] * r * r
+    else:
+        for i in range(n):
+            out[i] = a[i] * alpha if a[i] <= 0 else a[i]
+            derivative[i] = 1.0 if a[i] > 0 else alpha
+
+
+def _activation_with_derivative(kind, a, alpha):
+    out, derivative = np.empty_like(a), np.empty_like(a)
+    _activation_with_derivative_1d(
+        _KIND_CODE[kind], _flat(a), a.dtype.type(alpha), out.reshape(-1), derivative.reshape(-1)
+    )
+    return out, derivative
+
+
 # ----------------------------------------------------------------------------- affine
 
 
@@ -261,6 +296,36 @@ def _ce_backward_onehot(probs, target, scale, out):
             out[r, c] = (probs[r, c] - target[r, c]) * scale
 
 
+@njit(**JIT)
+def _softmax_cross_entropy_gradient(scores, labels):
+    """Mean cross-entropy; scores become (softmax - onehot) / B in place."""
+    rows, cols = scores.shape
+    scale = 1.0 / rows
+    total_loss = 0.0
+    for r in range(rows):
+        top = scores[r, 0]
+        for c in range(1, cols):
+            top = max(top, scores[r, c])
+        picked = scores[r, labels[r]] - top
+        total = 0.0
+        for c in range(cols):
+            e = math.exp(scores[r, c] - top)
+            scores[r, c] = e
+            total += e
+        total_loss += math.log(total) - picked
+        inv = scale / total
+        for c in range(cols):
+            scores[r, c] *= inv
+        scores[r, labels[r]] -= scale
+    return total_loss / rows
+
+
+def _softmax_cross_entropy_gradient_py(scores, labels):
+    scores = np.ascontiguousarray(scores)
+    loss = _softmax_cross_entropy_gradient(scores, labels)
+    return np.asarray(loss, dtype=scores.dtype), scores
+
+
 def softmax_cross_entropy_backward(probs, target, dout=1.0):
     out = np.empty(probs.shape, dtype=probs.dtype)
     scale = probs.dtype.type(dout / probs.shape[0])
@@ -297,7 +362,17 @@ def _set_losses_py(scores, labels):
     return out
 
 
-_OPS = g.Ops(xp=np, activation=activation_forward, set_losses=_set_losses_py)
+_OPS = g.Ops(
+    xp=np,
+    activation=activation_forward,
+    set_losses=_set_losses_py,
+    activation_with_derivative=_activation_with_derivative,
+    softmax_cross_entropy_gradient=_softmax_cross_entropy_gradient_py,
+)
+
+
+def network_gradient(weights, biases, x, labels, activation, alpha=LEAKY_SLOPE):
+    return g.network_gradient(np, _OPS, weights, biases, x, labels, activation, alpha)
 
 
 def numerical_gradient_batched(weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None):

@@ -9,7 +9,13 @@ import numpy as np
 from kernels import LEAKY_SLOPE
 from kernels import _generic as g
 
-_OPS = g.Ops(xp=np, activation=partial(g.activation_forward, np), set_losses=partial(g.set_losses, np))
+_OPS = g.Ops(
+    xp=np,
+    activation=partial(g.activation_forward, np),
+    set_losses=partial(g.set_losses, np),
+    activation_with_derivative=partial(g.activation_with_derivative, np),
+    softmax_cross_entropy_gradient=partial(g.softmax_cross_entropy_gradient, np),
+)
 
 
 def affine_forward(x, W, b):
@@ -42,6 +48,10 @@ def softmax_cross_entropy(scores, target):
 
 def softmax_cross_entropy_backward(probs, target, dout=1.0):
     return g.softmax_cross_entropy_backward(np, probs, target, dout)
+
+
+def network_gradient(weights, biases, x, labels, activation, alpha=LEAKY_SLOPE):
+    return g.network_gradient(np, _OPS, weights, biases, x, labels, activation, alpha)
 
 
 def numerical_gradient_batched(weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None):

@@ -11,6 +11,7 @@ from backends import Backend, to_numpy
 
 Array = Any
 FLOAT_DTYPES = ("float32", "float64")
+_FLOATS = (np.dtype("float32"), np.dtype("float64"))
 
 
 def check_dtype(dtype: Any) -> np.dtype:
@@ -28,7 +29,7 @@ def check_features(backend: Backend, x: Any, input_size: int, dtype: np.dtype) -
     """x as a (batch, input_size) array of the backend in ``dtype``, finite, batch >= 1."""
     if not hasattr(x, "dtype"):
         x = np.asarray(x)
-    if x.dtype.name not in FLOAT_DTYPES:
+    if x.dtype not in _FLOATS:
         raise TypeError(f"x must be float32 or float64; got dtype {x.dtype} (convert with x.astype({dtype.name!r}))")
     if x.dtype != dtype:
         raise TypeError(f"x is {x.dtype} but the net is {dtype.name}; convert with x.astype({dtype.name!r})")
@@ -45,8 +46,9 @@ def check_features(backend: Backend, x: Any, input_size: int, dtype: np.dtype) -
 
 def check_finite(backend: Backend, a: Array, name: str) -> None:
     """ValueError if ``a`` holds NaN or Inf (one reduction; a full scan only when that is not finite)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # a finite sum can overflow; inf + -inf is nan
-        total = float(a.sum())
+    flat = a.reshape(-1)
+    with np.errstate(over="ignore"):  # squares of finite values can overflow: then the full check decides
+        total = float(backend.xp.dot(flat, flat))  # one BLAS pass: NaN and Inf propagate
     if not math.isfinite(total) and not bool(backend.xp.isfinite(a).all()):
         bad = int((~backend.xp.isfinite(a)).sum())
         raise ValueError(f"{name} contains {bad} NaN or Inf value(s); inputs must be finite")

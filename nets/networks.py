@@ -112,19 +112,21 @@ class _FeedForwardNet:
         return float((self._scores(x).argmax(axis=1) == labels).mean())
 
     def gradient(self, x: Any, t: Any) -> dict[str, Array]:
-        """Backpropagation: {name: dL/dparam}, arrays like params."""
+        """Backpropagation: {name: dL/dparam}, arrays like params (one fused pass of the backend).
+
+        Non-finite parameters are not checked here (a hot path): they show as NaN in the loss.
+        """
         x, labels = self._inputs(x, t)
-        self._check_params_finite()
-        self.last_layer.forward(self._scores(x), labels)
-        dout = self.last_layer.backward(1.0)
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
+        n_layers = self.n_layers
+        weights = [self.params[f"W{m}"] for m in range(1, n_layers + 1)]
+        biases = [self.params[f"b{m}"] for m in range(1, n_layers + 1)]
+        _, dWs, dbs = self.backend.kernels.network_gradient(weights, biases, x, labels, self.activation, self.alpha)
         grads = {}
-        for m in range(1, self.n_layers + 1):
-            affine = self.layers[2 * (m - 1)]
-            grads[f"W{m}"], grads[f"b{m}"] = affine.dW, affine.db
+        for m in range(n_layers):
+            dW = dWs[m]
             if self.weight_decay_lambda:
-                grads[f"W{m}"] = grads[f"W{m}"] + self.weight_decay_lambda * self.params[f"W{m}"]
+                dW += self.weight_decay_lambda * weights[m]
+            grads[f"W{m + 1}"], grads[f"b{m + 1}"] = dW, dbs[m]
         return grads
 
     def numerical_gradient(

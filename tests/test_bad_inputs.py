@@ -567,14 +567,13 @@ def test_numerical_gradients_reject_nonfinite_params(make_net, where, value):
     assert_every_entry_rejects(calls, ValueError, rf"params\['{name}'\] contains .*NaN or Inf", net)
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("where", ["W1-zero-feature", "b1", "b2"])
-def test_gradient_rejects_nonfinite_params(make_net, where, value):
+def test_gradient_shows_nan_params(make_net, where):
+    """gradient() is the hot path and does not scan the parameters: a NaN one must show in the result."""
     net = make_net()
-    _poison(net, where, value)
-    name = "W1" if where.startswith("W1") else where
-    with rejects(ValueError, rf"params\['{name}'\] contains .*NaN or Inf"):
-        net.gradient(*_zero_feature_data())
+    _poison(net, where, np.nan)
+    grads = net.gradient(*_zero_feature_data())
+    assert any(not np.isfinite(to_numpy(g)).all() for g in grads.values())
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
