@@ -44,6 +44,11 @@ INCREMENTAL_SHORTCUTS = (
     "exactly 0 and are skipped (b_l is treated as an input of ones).",
     "Where the perturbed layer feeds the output, the base softmax is reused: exp(l+d) = exp(l)·exp(d), so "
     "the new log-sum-exp is lse + log1p(Σ p·expm1(d)).",
+    "Numba only: sigmoid and tanh changes use the exact identities σ(a+d)−σ(a) = s(1−s)(eᵈ−1)/(1+s(eᵈ−1)) and "
+    "tanh(a+d)−tanh(a) = (1−t²)·tanh d/(1+t·tanh d); Σ p·expm1(δw) and log1p are summed as power series in δ "
+    "(moments m_k = Σ p·w^k/k!) only where the remainder is provably below 2⁻⁶⁰ per sample, else evaluated directly.",
+    "Batched (brute force) has one exact shortcut too: input columns that are zero across the batch are left out "
+    "of x @ W1 (they add exactly 0), and their W1 rows, whose differences are exactly 0, are not perturbed.",
     "The result is the same central difference (f(p+h) − f(p−h)) / 2h as the naive loop, for every parameter.",
 )
 # ---------------------------------------------------------------------------------------------

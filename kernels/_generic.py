@@ -381,7 +381,10 @@ def numerical_gradient_incremental(
     return dWs, dbs
 
 
-def _hidden_layer_differences(ops: Ops, cache: ForwardCache, weights, biases, labels, activation, alpha, h, layer):
+def _hidden_layer_differences(
+    ops: Ops, cache: ForwardCache, weights, biases, labels, activation, alpha, h, layer, columns=None
+):
+    """(dW, db) of hidden layer ``layer``, for its output units ``columns`` (default: all), in that order."""
     xp = ops.xp
     z_in = cache.inputs[layer]
     batch, n_in = z_in.shape
@@ -397,7 +400,8 @@ def _hidden_layer_differences(ops: Ops, cache: ForwardCache, weights, biases, la
     sample_labels = labels[samples]
     probs = cache.probs[samples]
     W_next = weights[layer + 1]
-    grad = xp.zeros((n_in + 1, n_out), dtype=xp.float64)
+    columns = range(n_out) if columns is None else columns
+    grad = xp.zeros((n_in + 1, len(columns)), dtype=xp.float64)
 
     def loss_change(j, step):
         a = cache.pre[layer][samples, j]
@@ -413,8 +417,8 @@ def _hidden_layer_differences(ops: Ops, cache: ForwardCache, weights, biases, la
         picked = xp.take_along_axis(shifted, sample_labels[:, None], axis=1)[:, 0]
         return (xp.log(total[:, 0]) - picked) - base_loss
 
-    for j in range(n_out):
+    for k, j in enumerate(columns):
         diff = loss_change(j, steps) - loss_change(j, -steps)
-        grad[active_rows, j] = _segment_sums(xp, diff, starts)
+        grad[active_rows, k] = _segment_sums(xp, diff, starts)
     grad /= 2 * h * batch
     return grad[:n_in], grad[n_in]

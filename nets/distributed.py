@@ -358,35 +358,7 @@ def _chunk_pieces(be: Backend, method: str, problem: _Problem, chunk: Chunk) -> 
 def _hidden_columns(
     ops: g.Ops, cache: g.ForwardCache, weights, biases, labels, problem: _Problem, layer: int, start: int, stop: int
 ):
-    """Columns start:stop of kernels._generic._hidden_layer_differences, for layer <= n_layers - 3.
-
-    Same arrays, same operations, same order: only the range of its column loop differs.
-    """
-    xp, h, activation, alpha = ops.xp, problem.h, problem.activation, problem.alpha
-    z_in = cache.inputs[layer]
-    batch, n_in = z_in.shape
-    with_bias = xp.concatenate([z_in.T, xp.ones((1, batch), dtype=z_in.dtype)])
-    rows, samples = xp.nonzero(with_bias)
-    steps = h * with_bias[rows, samples]
-    active_rows, starts = xp.unique(rows, return_index=True)
-    pre_next = cache.pre[layer + 1][samples]
-    base_loss = cache.per_sample_loss[samples]
-    sample_labels = labels[samples]
-    W_next = weights[layer + 1]
-    grad = xp.zeros((n_in + 1, stop - start), dtype=xp.float64)
-
-    def loss_change(j, step):
-        a = cache.pre[layer][samples, j]
-        dz = ops.activation(activation, (a + step)[:, None], alpha)[:, 0] - cache.inputs[layer + 1][samples, j]
-        a_next = pre_next + dz[:, None] * W_next[j][None, :]
-        for m in range(layer + 2, len(weights)):
-            a_next = ops.activation(activation, a_next, alpha) @ weights[m] + biases[m]
-        shifted, _, total = g.log_softmax_parts(xp, a_next)
-        picked = xp.take_along_axis(shifted, sample_labels[:, None], axis=1)[:, 0]
-        return (xp.log(total[:, 0]) - picked) - base_loss
-
-    for j in range(start, stop):
-        diff = loss_change(j, steps) - loss_change(j, -steps)
-        grad[active_rows, j - start] = g._segment_sums(xp, diff, starts)
-    grad /= 2 * h * batch
-    return grad[:n_in], grad[n_in]
+    """Columns start:stop of the backend-generic hidden-layer differences (layer <= n_layers - 3)."""
+    return g._hidden_layer_differences(
+        ops, cache, weights, biases, labels, problem.activation, problem.alpha, problem.h, layer, range(start, stop)
+    )
