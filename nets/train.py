@@ -257,32 +257,17 @@ class Training:
 
     def _build_net(self) -> TwoLayerNet | MultiLayerNet:
         c = self.config
+        common = dict(
+            activation=c.activation, weight_init_std=c.weight_init_std, seed=c.seed, backend=self.backend, dtype=c.dtype
+        )
         if c.preset == "seed000":
             if len(c.hidden) != 1:
                 raise ValueError(
                     f"preset seed000 is a two-layer net with one hidden layer; got --hidden "
                     f"{','.join(map(str, c.hidden))} (use --preset mlp for several)"
                 )
-            return TwoLayerNet(
-                784,
-                c.hidden[0],
-                10,
-                activation=c.activation,
-                weight_init_std=c.weight_init_std,
-                seed=c.seed,
-                backend=self.backend,
-                dtype=c.dtype,
-            )
-        return MultiLayerNet(
-            784,
-            c.hidden,
-            10,
-            activation=c.activation,
-            weight_init_std=c.weight_init_std,
-            seed=c.seed,
-            backend=self.backend,
-            dtype=c.dtype,
-        )
+            return TwoLayerNet(784, c.hidden[0], 10, **common)
+        return MultiLayerNet(784, c.hidden, 10, **common)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
