@@ -6,9 +6,14 @@ implementation serves both; backend modules pass their own fused ``ops`` where t
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
+
+from kernels.activations import Activation
 
 Array = Any
 
@@ -16,8 +21,18 @@ Array = Any
 BATCHED_CHUNK_BYTES = 96 * 2**20
 
 
-def activation_forward(xp, kind: str, x: Array, alpha: float) -> Array:
-    """Elementwise activation; sigmoid is evaluated without overflow for any finite x."""
+def _in_dtype_of(xp, result: Array, x: Array) -> Array:
+    """A user-defined form's result in x's dtype (a form may compute in float64)."""
+    return xp.asarray(result, dtype=x.dtype)
+
+
+def activation_forward(xp, kind: str | Activation, x: Array, alpha: float) -> Array:
+    """Elementwise activation (a built-in name, or an Activation: its NumPy form).
+
+    Sigmoid is evaluated without overflow for any finite x.
+    """
+    if not isinstance(kind, str):
+        return _in_dtype_of(xp, kind.forward(x), x)
     if kind == "relu":
         return xp.maximum(x, 0)
     if kind == "sigmoid":
@@ -30,8 +45,10 @@ def activation_forward(xp, kind: str, x: Array, alpha: float) -> Array:
     raise ValueError(f"unknown activation {kind!r}")
 
 
-def activation_backward(xp, kind: str, dout: Array, x: Array, y: Array, alpha: float) -> Array:
-    """dL/dx from dL/dy for the activation y = f(x)."""
+def activation_backward(xp, kind: str | Activation, dout: Array, x: Array, y: Array, alpha: float) -> Array:
+    """dL/dx from dL/dy for the activation y = f(x) (an Activation: dout * its NumPy derivative)."""
+    if not isinstance(kind, str):
+        return dout * _in_dtype_of(xp, kind.derivative(x), dout)
     if kind == "relu":
         return xp.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
     if kind == "sigmoid":  # e / (1 + e)^2 with e = exp(-|x|): exact where (1 - y) * y would cancel
@@ -45,8 +62,13 @@ def activation_backward(xp, kind: str, dout: Array, x: Array, y: Array, alpha: f
     raise ValueError(f"unknown activation {kind!r}")
 
 
-def activation_with_derivative(xp, kind: str, a: Array, alpha: float) -> tuple[Array, Array]:
-    """(f(a), f'(a)) in one sweep, for backprop; the derivative is cancellation-free."""
+def activation_with_derivative(xp, kind: str | Activation, a: Array, alpha: float) -> tuple[Array, Array]:
+    """(f(a), f'(a)) in one sweep, for backprop; the derivative is cancellation-free.
+
+    An Activation gives its NumPy forward and derivative.
+    """
+    if not isinstance(kind, str):
+        return _in_dtype_of(xp, kind.forward(a), a), _in_dtype_of(xp, kind.derivative(a), a)
     if kind == "sigmoid":  # e = exp(-|a|): f = 1/(1+e) or e/(1+e); f' = e/(1+e)^2
         e = xp.abs(a)
         xp.negative(e, out=e)
@@ -172,6 +194,9 @@ class Ops:
     # optional fast path for the layer that feeds the output layer: same arguments and result as
     # _hidden_layer_differences
     hidden_to_output: Callable[..., tuple[Array, Array]] | None = None
+    # optional fast path of the series method for the layer that feeds the output layer: same
+    # arguments and result as _output_feeding_pair_series
+    output_feeding_series: Callable[..., tuple] | None = None
 
 
 def _param_views(weights, biases):
@@ -324,8 +349,12 @@ def forward_cache(xp, ops: Ops, weights, biases, x, labels, activation, alpha) -
 
 
 def _segment_sums(xp, values: Array, starts: Array) -> Array:
-    """Sums of consecutive segments of ``values`` starting at ``starts`` (fixed order: deterministic)."""
-    return xp.add.reduceat(values, starts)
+    """Sums of consecutive segments of ``values`` starting at ``starts`` (NumPy: fixed order, deterministic;
+    an array module without ufunc.reduceat, CuPy, sums by segment id)."""
+    if hasattr(xp.add, "reduceat"):
+        return xp.add.reduceat(values, starts)
+    segment = xp.searchsorted(starts, xp.arange(values.size), side="right") - 1
+    return xp.bincount(segment, weights=values, minlength=starts.size)
 
 
 def _last_layer_differences(xp, cache: ForwardCache, labels, h):
@@ -351,7 +380,7 @@ def _last_layer_differences(xp, cache: ForwardCache, labels, h):
 
 
 def numerical_gradient_incremental(
-    ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None
+    ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
 ):
     """Exact central differences, recomputing only what each perturbation changes.
 
@@ -360,31 +389,67 @@ def numerical_gradient_incremental(
     input changes by a rank-1 term, and only the rest of the pass is recomputed, for just the
     samples whose input[b, i] is non-zero. An input that is zero for the whole batch gives a
     loss difference of exactly 0, so it is skipped (b_l behaves like an input of ones).
+    ``kinks``: see kernels/__init__ (the recomputed pre-activations are compared with the base pass).
     """
     xp = ops.xp
     n_layers = len(weights)
     cache = forward_cache(xp, ops, weights, biases, x, labels, activation, alpha)
+    detect = kinks is not None and isinstance(activation, str) and activation in _KINKED
     dWs, dbs = [], []
     for layer in range(n_layers):
         W = weights[layer]
+        crossings = [] if detect else None
         if layer == n_layers - 1:
             dW, db = _last_layer_differences(xp, cache, labels, h)
         elif layer == n_layers - 2 and ops.hidden_to_output is not None:
             dW, db = ops.hidden_to_output(cache, weights, biases, labels, activation, alpha, h, layer)
+            if detect:
+                crossings.append(_unit_crossing_rows(xp, cache, h, layer))
         else:
-            dW, db = _hidden_layer_differences(ops, cache, weights, biases, labels, activation, alpha, h, layer)
+            dW, db = _hidden_layer_differences(
+                ops, cache, weights, biases, labels, activation, alpha, h, layer, crossings=crossings
+            )
         dW += _decay_difference(xp, W, weight_decay, h)
         dWs.append(dW)
         dbs.append(db)
+        if kinks is not None:
+            rows = _first_row_per_entry(xp, xp.concatenate(crossings)) if crossings else _kink_rows(xp)
+            _store_kinks(xp, kinks, layer, rows, W.size)
         if progress is not None:
             progress(W.size + biases[layer].size)
     return dWs, dbs
 
 
+def _unit_crossing_rows(xp, cache: ForwardCache, h, layer) -> Array:
+    """Kink rows (flat index into the (I + 1, J) block, sample, layer + 1, unit) of the hidden layer that
+    feeds the output: moving W[i, j] (or b[j]) can change the branch of z[b, j] alone. Chunks of samples."""
+    a, z = cache.inputs[layer], cache.pre[layer]
+    batch, n_in = a.shape
+    n_out = z.shape[1]
+    steps = h * xp.concatenate([a, xp.ones((batch, 1), dtype=a.dtype)], axis=1)
+    per_sample = max(1, 8 * (n_in + 1) * n_out)
+    chunk = int(max(1, SERIES_CHUNK_BYTES // per_sample))
+    rows = []
+    for start in range(0, batch, chunk):
+        part = slice(start, min(start + chunk, batch))
+        base = z[part][:, None, :]
+        step = steps[part][:, :, None]
+        positive = base > 0
+        hit = (((base + step) > 0) != positive) | (((base - step) > 0) != positive)
+        hit &= step != 0
+        b, i, j = xp.nonzero(hit)
+        rows.append(xp.stack([i * n_out + j, b + start, xp.full(b.size, layer + 1), j], axis=1))
+    return _kink_rows(xp, xp.concatenate(rows))
+
+
 def _hidden_layer_differences(
-    ops: Ops, cache: ForwardCache, weights, biases, labels, activation, alpha, h, layer, columns=None
+    ops: Ops, cache: ForwardCache, weights, biases, labels, activation, alpha, h, layer, columns=None, crossings=None
 ):
-    """(dW, db) of hidden layer ``layer``, for its output units ``columns`` (default: all), in that order."""
+    """(dW, db) of hidden layer ``layer``, for its output units ``columns`` (default: all), in that order.
+
+    crossings: None, or a list that gets int64 (n, 4) kink rows (flat index into the (I + 1, n_out)
+    block, sample, 1-based layer, unit) of every perturbation that changes a relu/leaky branch.
+    """
     xp = ops.xp
     z_in = cache.inputs[layer]
     batch, n_in = z_in.shape
@@ -403,22 +468,633 @@ def _hidden_layer_differences(
     columns = range(n_out) if columns is None else columns
     grad = xp.zeros((n_in + 1, len(columns)), dtype=xp.float64)
 
-    def loss_change(j, step):
+    def loss_change(j, step, hits):
         a = cache.pre[layer][samples, j]
-        dz = ops.activation(activation, (a + step)[:, None], alpha)[:, 0] - cache.inputs[layer + 1][samples, j]
+        moved = a + step
+        dz = ops.activation(activation, moved[:, None], alpha)[:, 0] - cache.inputs[layer + 1][samples, j]
+        if hits is not None:
+            _mark_crossings(xp, hits, (moved > 0) != (a > 0), layer + 1, j)
         if layer + 1 == n_layers - 1:  # next layer is the output: reuse the base softmax
             shift = dz[:, None] * W_next[j][None, :]
             picked = xp.take_along_axis(shift, sample_labels[:, None], axis=1)[:, 0]
             return xp.log1p((probs * xp.expm1(shift)).sum(axis=1)) - picked
         a_next = pre_next + dz[:, None] * W_next[j][None, :]
         for m in range(layer + 2, n_layers):
+            if hits is not None:
+                flips = (a_next > 0) != (cache.pre[m - 1][samples] > 0)
+                _mark_crossings(xp, hits, flips.any(axis=1), m, flips.argmax(axis=1))
             a_next = ops.activation(activation, a_next, alpha) @ weights[m] + biases[m]
         shifted, _, total = log_softmax_parts(xp, a_next)
         picked = xp.take_along_axis(shifted, sample_labels[:, None], axis=1)[:, 0]
         return (xp.log(total[:, 0]) - picked) - base_loss
 
     for k, j in enumerate(columns):
-        diff = loss_change(j, steps) - loss_change(j, -steps)
+        hits = None if crossings is None else [xp.full(samples.size, -1, dtype=xp.int64) for _ in range(2)]
+        diff = loss_change(j, steps, hits) - loss_change(j, -steps, hits)
         grad[active_rows, k] = _segment_sums(xp, diff, starts)
+        if hits is not None:
+            found = hits[0] >= 0
+            flat = rows[found] * n_out + j
+            crossings.append(_kink_rows(xp, xp.stack([flat, samples[found], hits[0][found], hits[1][found]], axis=1)))
     grad /= 2 * h * batch
     return grad[:n_in], grad[n_in]
+
+
+def _mark_crossings(xp, hits, crossed, layer, unit) -> None:
+    """Record (layer, unit) in hits = [layers, units] (per pair) where crossed and nothing recorded yet."""
+    new = crossed & (hits[0] < 0)
+    hits[0][...] = xp.where(new, layer, hits[0])
+    hits[1][...] = xp.where(new, unit, hits[1])
+
+
+# ----------------------------------------------------------------------------- the series method
+#
+# docs/series.md derives this and proves the bounds; the names below follow it. Moving W_l[i, j]
+# by u = +-h a_l[b, i] (b_l[j]: a = 1) moves only z_l[b, j]. The loss of sample b is then an
+# analytic function g_bj(u) whose odd Taylor coefficients L_n give the central difference
+#     dW_l[i, j] = (1/B) sum_b sum_{odd n <= K} h^(n-1) a_l[b, i]^n L_n[b, j],
+# K/2 GEMMs per layer. K is the smallest odd order whose Cauchy tail bound is below SERIES_TAIL in
+# every entry; a (sample, unit) pair whose bound fails at SERIES_MAX_ORDER, and, on relu/leaky
+# nets, a (sample, input, unit) triple whose step reaches a kink, is evaluated directly instead.
+
+SERIES_TAIL = 2.0**-44  # proven bound on the truncation error of each gradient entry (absolute, ~5.7e-14)
+SERIES_MAX_ORDER = 25  # highest Taylor order summed; beyond it a (sample, unit) pair is evaluated directly
+SERIES_CHUNK_BYTES = 64 * 2**20  # working set of one chunk of units (and of one chunk of direct evaluations)
+_LOSS_RADIUS = math.log(1.5)  # R * max_c |v_c - v_t|: the softmax sum stays within 1/2 of 1 on |u| <= R
+# smooth activations: (theta, F2) with f analytic on the strip |Im w| <= theta and |f''| <= F2 there
+SERIES_STRIPS = {"sigmoid": (math.pi / 2, 0.5), "tanh": (math.pi / 4, 4.0)}
+SERIES_RADIUS_FACTORS = (32.0, 2048.0)  # R / rho of the propagated smooth bounds (a ladder of powers of 2 uses them)
+_KINKED = ("relu", "leaky_relu")
+
+
+def _errstate(xp):
+    """numpy's errstate silencing inf/nan warnings of deliberate divisions; cupy warns not."""
+    errstate = getattr(xp, "errstate", None)
+    return errstate(divide="ignore", invalid="ignore", over="ignore") if errstate else contextlib.nullcontext()
+
+
+def _kink_rows(xp, rows=None) -> Array:
+    """int64 (n, 4) kink-diagnostic rows; empty (0, 4) when rows is None."""
+    if rows is None:
+        return xp.zeros((0, 4), dtype=xp.int64)
+    return xp.asarray(rows, dtype=xp.int64).reshape(-1, 4)
+
+
+def _first_row_per_entry(xp, rows: Array) -> Array:
+    """One row per parameter entry (column 0), the first of each entry's rows in order of sample."""
+    if rows.shape[0] == 0:
+        return rows
+    order = xp.lexsort(xp.stack([rows[:, 1], rows[:, 0]]))
+    rows = rows[order]
+    _, first = xp.unique(rows[:, 0], return_index=True)
+    return rows[first]
+
+
+def _store_kinks(xp, kinks: dict, layer: int, rows: Array, n_weights: int) -> None:
+    """Split rows indexing the flattened (I + 1, J) block of a layer into kinks["W<l>"] and kinks["b<l>"]."""
+    in_W = rows[:, 0] < n_weights
+    kinks[f"W{layer + 1}"] = rows[in_W]
+    bias_rows = rows[~in_W].copy()
+    bias_rows[:, 0] -= n_weights
+    kinks[f"b{layer + 1}"] = bias_rows
+
+
+def numerical_gradient_series(
+    ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
+):
+    """Central differences from the Taylor series of each sample's loss in the one moved scalar.
+
+    weights/biases: float64 lists (W_m (I_m, O_m), b_m (O_m,)); x float64 (B, I); labels int (B,).
+    Returns float64 (dWs, dbs) like numerical_gradient_incremental, to within SERIES_TAIL of the
+    exact central difference in every entry (plus rounding), see docs/series.md. Pairs and triples the
+    bounds do not cover are evaluated directly; an activation other than the built-in names (no provable
+    bound) is evaluated directly everywhere, by numerical_gradient_incremental. ``kinks``: see kernels/__init__.
+    """
+    if not (isinstance(activation, str) and activation in (*_KINKED, *SERIES_STRIPS)):
+        return numerical_gradient_incremental(
+            ops, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
+        )
+    xp = ops.xp
+    n_layers = len(weights)
+    cache = forward_cache(xp, ops, weights, biases, x, labels, activation, alpha)
+    derivatives = [ops.activation_with_derivative(activation, a, alpha)[1] for a in cache.pre[:-1]]
+    detect = kinks is not None and activation in _KINKED
+    plan = None
+    if activation in _KINKED and n_layers > 2:
+        plan = (_logit_jacobians(xp, derivatives, weights), _later_kink_bounds(xp, cache, derivatives, weights))
+    dWs, dbs = [], []
+    for layer in range(n_layers):
+        if layer == n_layers - 1:
+            dW, db = _last_layer_series(xp, cache, labels, h) or _last_layer_differences(xp, cache, labels, h)
+            rows = _kink_rows(xp)
+        else:
+            dW, db, rows = _series_layer_differences(
+                ops, cache, derivatives, weights, biases, labels, activation, alpha, h, layer, detect, plan
+            )
+        dW += _decay_difference(xp, weights[layer], weight_decay, h)
+        dWs.append(dW)
+        dbs.append(db)
+        if kinks is not None:
+            _store_kinks(xp, kinks, layer, rows, weights[layer].size)
+        if progress is not None:
+            progress(weights[layer].size + biases[layer].size)
+    return dWs, dbs
+
+
+def _last_layer_series(xp, cache: ForwardCache, labels, h):
+    """(dW, db) of the output layer by the series, or None when some (sample, class) pair needs more
+    than SERIES_MAX_ORDER terms (the caller then takes the closed form, _last_layer_differences).
+
+    Moving W[i, c] by u/h moves score c alone: g(u) - g(0) = log(1 + p_c expm1(u)) - u [c = t]. The
+    log's argument has the coefficients p_c / n!, so L = log E by the recurrence of _loss_series. On
+    |u| <= R = log1p(1 / (2 p_c)), |p_c expm1(u)| <= 1/2, so |log(...)| <= ln 2 (docs/series.md, 5).
+    """
+    z = cache.inputs[-1]
+    batch = z.shape[0]
+    p = cache.probs
+    steps = h * xp.concatenate([z, xp.ones((batch, 1), dtype=z.dtype)], axis=1)
+    rho = xp.abs(steps).max(axis=1)
+    with _errstate(xp):
+        radius = xp.log1p(0.5 / p)
+        ratio = xp.where(xp.isfinite(radius), rho[:, None] / radius, 0.0)
+    needed = _order_needed(xp, ratio, xp.full(p.shape, math.log(2.0)), h)
+    if bool((needed > SERIES_MAX_ORDER).any()):
+        return None
+    order = _largest_order(xp, needed)
+    E, L = [None], []
+    for n in range(1, order + 1):
+        E.append(p / math.factorial(n))
+        value = E[n]
+        for k in range(1, n):
+            value = value - (k / n) * L[k - 1] * E[n - k]
+        L.append(value)
+    L[0] = L[0].copy()
+    L[0][xp.arange(batch), labels] -= 1.0
+    powers = [steps]
+    for _ in range(3, order + 1, 2):
+        powers.append(powers[-1] * steps * steps)
+    grad = xp.concatenate(powers, axis=0).T @ xp.concatenate(L[::2], axis=0) / (h * batch)
+    return grad[:-1], grad[-1]
+
+
+def _series_layer_differences(
+    ops: Ops, cache, derivatives, weights, biases, labels, activation, alpha, h, layer, detect, plan=None
+):
+    """(dW (I, J), db (J,), kink rows (n, 4)) of hidden layer ``layer`` by the series, chunks of units.
+
+    plan: relu/leaky only, (logit Jacobians, later kink bounds) of the whole pass, shared by the layers.
+
+    Kink rows index the flattened (I + 1, J) block: W entries first, then the biases (i = I).
+    """
+    xp = ops.xp
+    a = cache.inputs[layer]
+    batch, n_in = a.shape
+    n_out = weights[layer].shape[1]
+    steps = h * xp.concatenate([a, xp.ones((batch, 1), dtype=a.dtype)], axis=1)  # (B, I + 1): u / sign
+    rho = xp.abs(steps).max(axis=1)  # (B,): |u| <= rho for every input of the sample (bias included)
+    moved_inputs = (steps != 0).sum(axis=1)  # (B,): direct evaluations a fallback pair of the sample costs
+    grad = xp.zeros((n_in + 1, n_out), dtype=xp.float64)
+    if layer == len(weights) - 2:  # (B, Jc, C) arrays only
+        per_unit = 8 * batch * weights[-1].shape[1] * 8
+    elif activation in _KINKED:  # (B, Jc, n) arrays of the next layer's radius only
+        per_unit = 8 * batch * weights[layer + 1].shape[1] * 6
+    else:
+        widest = max(W.shape[1] for W in weights[layer:])
+        per_unit = 8 * batch * widest * (2 * SERIES_MAX_ORDER + 3 * (len(weights) - layer) + 8)
+    width = int(max(1, min(n_out, SERIES_CHUNK_BYTES // per_unit)))
+    kink_rows = []
+    for first in range(0, n_out, width):
+        cols = slice(first, min(first + width, n_out))
+        if layer == len(weights) - 2:
+            pair_series = ops.output_feeding_series or partial(_output_feeding_pair_series, xp)
+            coefficients, needed, inverse_radius = pair_series(
+                cache, derivatives, weights, labels, activation, layer, cols, rho, h
+            )
+        elif activation in _KINKED:
+            coefficients, needed, inverse_radius = _piecewise_pair_series(
+                xp, cache, derivatives, weights, labels, layer, cols, rho, h, plan
+            )
+        else:
+            coefficients, needed = _smooth_pair_series(
+                xp, cache, derivatives, weights, labels, activation, layer, cols, rho, h, moved_inputs
+            )
+            inverse_radius = None
+        fallback = needed > len(coefficients)  # (B, Jc)
+        # sum over odd n of (h a)^n.T @ L_n / h as one GEMM over the stacked orders
+        powers, odd = [steps], []
+        for n, L_n in enumerate(coefficients, start=1):
+            if n % 2:
+                odd.append(xp.where(fallback, 0.0, L_n) if bool(fallback.any()) else L_n)
+            if n + 2 <= len(coefficients) and n % 2:
+                powers.append(powers[-1] * steps * steps)
+        stacked = powers[0] if len(powers) == 1 else xp.concatenate(powers[: len(odd)], axis=0)
+        grad[:, cols] += stacked.T @ (odd[0] if len(odd) == 1 else xp.concatenate(odd, axis=0)) / h
+        # direct evaluation: every moved input of a fallback pair; on relu nets also the triples past a kink radius
+        pair_b, pair_j = xp.nonzero(fallback)
+        moved = steps[pair_b] != 0
+        t_pair, t_i = xp.nonzero(moved)
+        samples, units, inputs = pair_b[t_pair], pair_j[t_pair], t_i
+        corrected = None
+        if inverse_radius is not None:
+            reach = (rho[:, None] * inverse_radius >= 1) & ~fallback
+            near_b, near_j = xp.nonzero(reach)
+            past = xp.abs(steps[near_b]) * inverse_radius[near_b, near_j][:, None] >= 1  # (n_near, I + 1)
+            past &= steps[near_b] != 0
+            k_pair, k_i = xp.nonzero(past)
+            corrected = (near_b[k_pair], near_j[k_pair], k_i)
+            samples = xp.concatenate([samples, corrected[0]])
+            units = xp.concatenate([units, corrected[1]])
+            inputs = xp.concatenate([inputs, corrected[2]])
+        if samples.size == 0:
+            continue
+        u = steps[samples, inputs]
+        diff, cross_layer, cross_unit = _direct_differences(
+            ops, cache, weights, biases, labels, activation, alpha, layer, samples, units + first, u, detect
+        )
+        values = diff / (2 * h)
+        if corrected is not None and corrected[0].size:  # remove the series' value of the triples past a kink
+            nb, nj, ni = corrected
+            su = steps[nb, ni]
+            series_value = xp.zeros(nb.size, dtype=xp.float64)
+            power = su
+            for n, L_n in enumerate(coefficients, start=1):
+                if n % 2:
+                    series_value += power * L_n[nb, nj]
+                if n < len(coefficients):
+                    power = power * su
+            values[values.size - nb.size :] -= series_value / h
+        flat = inputs * n_out + units + first
+        grad += xp.bincount(flat, weights=values, minlength=grad.size).reshape(grad.shape)
+        if detect:
+            hit = cross_layer >= 0
+            kink_rows.append(xp.stack([flat[hit], samples[hit], cross_layer[hit], cross_unit[hit]], axis=1))
+    grad /= batch
+    rows = _first_row_per_entry(xp, xp.concatenate(kink_rows) if kink_rows else _kink_rows(xp))
+    return grad[:n_in], grad[n_in], rows
+
+
+def _propagate(xp, T: Array, W: Array) -> Array:
+    """(B, J, n) @ (n, n') as one GEMM over all (sample, unit) pairs -> (B, J, n')."""
+    batch, units, n = T.shape
+    return (xp.ascontiguousarray(T).reshape(batch * units, n) @ W).reshape(batch, units, W.shape[1])
+
+
+def _inverse_kink_radius(xp, T: Array, z: Array) -> Array:
+    """max over q of |T[b, j, q]| / |z[b, q]| (inf where z = 0 and T != 0): 1 / the step radius. (B, J)."""
+    magnitude = xp.abs(z)
+    safe = xp.where(magnitude > 0, magnitude, 1.0)
+    inverse = xp.where(magnitude > 0, 1.0 / safe, 0.0)
+    result = (xp.abs(T) * inverse[:, None, :]).max(axis=2)
+    at_zero = magnitude == 0
+    if bool(at_zero.any()):
+        touched = (xp.abs(T) * at_zero[:, None, :]).max(axis=2) > 0
+        result = xp.where(touched, xp.inf, result)
+    return result
+
+
+def _label_component(xp, V: Array, labels: Array) -> Array:
+    """V[b, j, labels[b]] as (B, J, 1)."""
+    index = xp.broadcast_to(labels[:, None, None], V.shape[:2] + (1,))
+    return xp.take_along_axis(V, index, axis=2)
+
+
+def _output_feeding_pair_series(xp, cache, derivatives, weights, labels, activation, layer, cols, rho, h):
+    """The hidden layer that feeds the scores: (coefficients [L_1..L_K] (B, Jc), order needed, inverse radius or None).
+
+    Here g(u) = phi(y(u)) with y(u) = f(z + u) - f(z) the unit's change (a scalar) and
+    phi(y) = log sum_c p_c exp(y d_c), d_c = W_next[j, c] - W_next[j, t]: phi's coefficients are the
+    cumulants of d under p (moments, then the log recurrence), composed with y's Taylor series, all
+    (B, Jc) work after 2K (B, Jc, C) passes. Bound: on |u| <= R, |y(u)| <= |f'(z)| R + F2 R^2 / 2
+    (relu below its kink: F2 = 0), so |phi| <= -log(1 - expm1((|f'| R + F2 R^2 / 2) max|d|)); R is
+    the largest radius (at most theta) that keeps the expm1 at 1/2 (docs/series.md, section 4).
+    """
+    W_next = weights[layer + 1][cols]  # (Jc, C)
+    d = W_next[None, :, :] - W_next.T[labels][:, :, None]  # (B, Jc, C)
+    widest = xp.abs(d).max(axis=2)
+    slope = derivatives[layer][:, cols]
+    a = xp.abs(slope) * widest
+    inverse_radius = None
+    if activation in _KINKED:
+        z = cache.pre[layer][:, cols]
+        with _errstate(xp):
+            inverse_radius = xp.where(z != 0, 1.0 / xp.where(z != 0, xp.abs(z), 1.0), xp.inf)
+        reach = xp.minimum(rho[:, None], xp.where(inverse_radius > 0, 1.0 / inverse_radius, xp.inf))
+        c = xp.zeros_like(a)
+        theta = xp.inf
+    else:
+        theta, f2 = SERIES_STRIPS[activation]
+        reach = xp.broadcast_to(rho[:, None], a.shape)
+        c = 0.5 * f2 * widest
+    with _errstate(xp):
+        largest = 2 * _LOSS_RADIUS / (a + xp.sqrt(a * a + 4 * c * _LOSS_RADIUS))  # a R + c R^2 = ln 1.5
+        radius = xp.minimum(largest, theta)
+        finite = xp.isfinite(radius)  # else d = 0 or f' = 0 with no curvature: g is constant, K = 1
+        exponent = xp.where(finite, a * radius + c * radius * radius, 0.0)
+        bound = -xp.log1p(-xp.expm1(exponent))
+        ratio = xp.where(finite, reach / xp.where(finite, radius, 1.0), 0.0)
+    needed = _order_needed(xp, ratio, bound, h)
+    order = _largest_order(xp, needed)
+    # phi's coefficients: E_n = sum_c p_c d^n / n!, then L = log E
+    p = cache.probs[:, None, :]
+    term, E, phi = d, [None], []
+    for n in range(1, order + 1):
+        E.append((p * term).sum(axis=2))
+        value = E[n]
+        for k in range(1, n):
+            value = value - (k / n) * phi[k - 1] * E[n - k]
+        phi.append(value)
+        if n < order:
+            term = term * d / (n + 1)
+    if activation in _KINKED:  # y(u) = f'(z) u exactly below the kink
+        power, coefficients = slope, []
+        for n in range(1, order + 1):
+            coefficients.append(phi[n - 1] * power)
+            power = power * slope
+        return coefficients, needed, inverse_radius
+    y = _activation_series(activation, cache.inputs[layer + 1][:, cols], slope, [1.0], order)
+    coefficients = [phi[0] * c for c in y]
+    power = y  # coefficients 1..K of y(u)^m, zero below order m
+    for m in range(2, order + 1):
+        power = [0.0] * (m - 1) + [
+            sum(power[k - 1] * y[n - k - 1] for k in range(m - 1, n)) for n in range(m, order + 1)
+        ]
+        for n in range(m, order + 1):
+            coefficients[n - 1] = coefficients[n - 1] + phi[m - 1] * power[n - 1]
+    return coefficients, needed, inverse_radius
+
+
+def _logit_jacobians(xp, derivatives, weights):
+    """[J_0, .., J_(L-2)]: J_m[b] = d scores / d z_m[b], (B, C, n_m), backward: J_m = (J_(m+1) W_(m+1)^T) * f'(z_m).
+
+    For relu/leaky below the kink radius, column j of J_l[b] is the direction v(b, j) the scores
+    move along: one (B C, n) @ (n, n') GEMM per layer for all units of every layer."""
+    n_layers = len(weights)
+    batch = derivatives[0].shape[0]
+    jacobians = [None] * (n_layers - 1)
+    J = xp.broadcast_to(weights[-1].T[None], (batch,) + weights[-1].T.shape) * derivatives[-1][:, None, :]
+    jacobians[-1] = J
+    for m in range(n_layers - 3, -1, -1):
+        classes, n_next = J.shape[1], J.shape[2]
+        J = (xp.ascontiguousarray(J).reshape(batch * classes, n_next) @ weights[m + 1].T).reshape(batch, classes, -1)
+        J = J * derivatives[m][:, None, :]
+        jacobians[m] = J
+    return jacobians
+
+
+_HUGE = 1e300  # stands for 1 / |z| at z = 0 in the radius bounds (0 * _HUGE = 0: a unit nothing moves)
+
+
+def _later_kink_bounds(xp, cache, derivatives, weights):
+    """[S_0, .., S_(L-2)], S_l (B, n_l) >= max over m >= l + 2, q of |T_m[b, j, q]| / |z_m[b, q]| (0 if none).
+
+    T_m[b, j, :] = d z_m[b, :] / d z_l[b, j]. From |T_m| <= |D_l[j] W_(l+1)[j]| |D W| ... |D W| entrywise,
+    w_(l->m) = |D_l| * (w_(l+1->m) @ |W_(l+1)|^T) with w_(m->m) = 1 / |z_m| bounds it for every j at
+    once: (B, n) matrix products, so the radius bound costs nothing like the forward carry."""
+    n_layers = len(weights)
+    bounds = [xp.zeros_like(d) for d in derivatives]
+    for m in range(2, n_layers - 1):
+        z = xp.abs(cache.pre[m])
+        with _errstate(xp):
+            w = xp.where(z > 0, 1.0 / xp.where(z > 0, z, 1.0), _HUGE)
+        for k in range(m - 1, -1, -1):
+            w = xp.minimum(xp.abs(derivatives[k]) * (w @ xp.abs(weights[k + 1]).T), _HUGE)
+            if k <= m - 2:
+                bounds[k] = xp.maximum(bounds[k], w)
+    return bounds
+
+
+def _piecewise_pair_series(xp, cache, derivatives, weights, labels, layer, cols, rho, h, plan):
+    """relu/leaky: (loss coefficients [L_1..L_K] (B, Jc) each, order needed (B, Jc), inverse kink radius (B, Jc)).
+
+    Below the kink radius the scores move along v(b, j) (plan: the logit Jacobians), and
+    g(u) = log sum_c p_c exp(u (v_c - v_t)): its series is the loss series of that direction.
+    The inverse radius is exact for the unit itself and the next layer (elementwise), bounded
+    above for later layers (plan: _later_kink_bounds); only the pairs that bound cannot clear
+    (rho * bound >= 1) get the exact radius, by the forward carry of their own direction.
+    """
+    jacobians, later_bounds = plan
+    n_layers = len(weights)
+    z = cache.pre[layer][:, cols]
+    with _errstate(xp):
+        inverse_radius = xp.where(z != 0, 1.0 / xp.where(z != 0, xp.abs(z), 1.0), xp.inf)
+    T = derivatives[layer][:, cols, None] * weights[layer + 1][cols][None]  # (B, Jc, n): d z_(l+1) / d z_l[j]
+    if layer + 1 < n_layers - 1:
+        inverse_radius = xp.maximum(inverse_radius, _inverse_kink_radius(xp, T, cache.pre[layer + 1]))
+    if layer + 2 < n_layers - 1:
+        bounded = xp.maximum(inverse_radius, later_bounds[layer][:, cols])
+        pair_b, pair_j = xp.nonzero(rho[:, None] * bounded >= 1)
+        if pair_b.size:  # the exact radius of these pairs: carry their directions forward
+            exact = inverse_radius[pair_b, pair_j]
+            direction = T[pair_b, pair_j][:, None, :]  # (P, 1, n)
+            for m in range(layer + 1, n_layers - 2):
+                direction = _propagate(xp, direction * derivatives[m][pair_b][:, None, :], weights[m + 1])
+                exact = xp.maximum(exact, _inverse_kink_radius(xp, direction, cache.pre[m + 1][pair_b])[:, 0])
+            bounded[pair_b, pair_j] = exact
+        inverse_radius = bounded
+    V = jacobians[layer][:, :, cols].transpose(0, 2, 1)  # (B, Jc, C)
+    spread = xp.abs(V - _label_component(xp, V, labels))
+    widest = spread.max(axis=2)
+    with _errstate(xp):
+        radius = xp.where(widest > 0, _LOSS_RADIUS / xp.where(widest > 0, widest, 1.0), 0.0)
+        zeta = (cache.probs[:, None, :] * xp.expm1(radius[:, :, None] * spread)).sum(axis=2)
+        bound = -xp.log1p(-zeta)  # |g(u) - g(0)| on |u| <= radius
+        reach = xp.minimum(rho[:, None], xp.where(inverse_radius > 0, 1.0 / inverse_radius, xp.inf))
+        ratio = xp.where(widest > 0, reach / xp.where(widest > 0, radius, 1.0), 0.0)
+    needed = _order_needed(xp, ratio, bound, h)
+    order = _largest_order(xp, needed)
+    return _loss_series(xp, cache.probs, labels, [V], order), needed, inverse_radius
+
+
+def _smooth_pair_series(xp, cache, derivatives, weights, labels, activation, layer, cols, rho, h, moved_inputs):
+    """sigmoid/tanh: (loss coefficients [L_1..L_K] (B, Jc) each, order needed (B, Jc)).
+
+    The bound (docs/series.md): on |u| <= R = kappa rho the change of every later pre-activation is
+    T u + E with |E| <= eps, propagated layer by layer with f'' bounded on a strip; then |g - g(0)|
+    is bounded at the loss and Cauchy's estimate bounds the tail. eps is a polynomial in R with
+    non-negative coefficients and no term below R^2, so eps(R) <= (R / R_ref)^2 eps(R_ref) for
+    R <= R_ref: two propagated references serve a ladder of kappas. Pairs needing more than the
+    chosen K (K trades GEMMs against direct evaluations) are left to the caller's fallback.
+    """
+    n_layers = len(weights)
+    theta, f2 = SERIES_STRIPS[activation]
+    W_next = weights[layer + 1][cols]  # (Jc, n)
+    first_order = [derivatives[layer][:, cols, None] * W_next[None]]
+    for m in range(layer + 1, n_layers - 1):
+        first_order.append(_propagate(xp, first_order[-1] * derivatives[m][:, None, :], weights[m + 1]))
+    V = first_order[-1]
+    spread = xp.abs(V - _label_component(xp, V, labels))
+    references = {}
+    for kappa_ref in SERIES_RADIUS_FACTORS:
+        R = kappa_ref * rho  # (B,)
+        eps = [(0.5 * f2 * R * R)[:, None, None] * xp.abs(W_next)[None]]
+        for step, m in enumerate(range(layer + 1, n_layers - 1)):
+            beta = xp.abs(first_order[step]) * R[:, None, None] + eps[-1]
+            eps.append(
+                _propagate(
+                    xp, xp.abs(derivatives[m])[:, None, :] * eps[-1] + 0.5 * f2 * beta * beta, xp.abs(weights[m + 1])
+                )
+            )
+        references[kappa_ref] = eps
+    needed = xp.full(V.shape[:2], float(SERIES_MAX_ORDER + 2))
+    kappa = 2.0
+    while kappa <= SERIES_RADIUS_FACTORS[-1]:
+        kappa_ref = min(k for k in SERIES_RADIUS_FACTORS if k >= kappa)
+        shrink = (kappa / kappa_ref) ** 2
+        eps = references[kappa_ref]
+        R = kappa * rho
+        valid = xp.broadcast_to((R <= theta)[:, None], V.shape[:2])
+        for step in range(len(first_order) - 1):
+            beta = xp.abs(first_order[step]) * R[:, None, None] + shrink * eps[step]
+            valid = valid & (beta.max(axis=2) <= theta)
+        gamma = R[:, None, None] * spread + shrink * (eps[-1] + _label_component(xp, eps[-1], labels))
+        with _errstate(xp):
+            zeta = (cache.probs[:, None, :] * xp.expm1(gamma)).sum(axis=2)
+            valid = valid & (zeta < 1)
+            bound = xp.where(valid, -xp.log1p(-xp.where(valid, zeta, 0.0)), xp.inf)
+        needed = xp.minimum(needed, _order_needed(xp, xp.full(V.shape[:2], 1.0 / kappa), bound, h))
+        kappa *= 2
+    order = _cheapest_order(xp, needed, moved_inputs)
+    # Taylor coefficients of every later pre-activation, orders 1..K (order 1 is the first-order carry)
+    y0, g0 = cache.inputs[layer + 1][:, cols], derivatives[layer][:, cols]
+    unit_series = _activation_series(activation, y0, g0, [1.0], order)
+    Z = [first_order[0]] + [c[:, :, None] * W_next[None] for c in unit_series[1:]]
+    for step, m in enumerate(range(layer + 1, n_layers - 1)):
+        moved = _activation_series(activation, cache.inputs[m + 1][:, None, :], derivatives[m][:, None, :], Z, order)
+        Z = [first_order[step + 1]] + [_propagate(xp, c, weights[m + 1]) for c in moved[1:]]
+    return _loss_series(xp, cache.probs, labels, Z, order), needed
+
+
+def _cheapest_order(xp, needed, moved_inputs) -> int:
+    """The odd K minimising K * B * Jc (GEMM work of the carry, per order) plus the direct work of the
+    pairs needing more: 2 * (their sample's moved inputs) each (both signs, same per-row cost)."""
+    batch, units = needed.shape
+    best, best_cost = 1, None
+    for K in range(1, SERIES_MAX_ORDER + 1, 2):
+        above = needed > K
+        cost = K * batch * units + 2 * float((above * moved_inputs[:, None]).sum())
+        if best_cost is None or cost < best_cost:
+            best, best_cost = K, cost
+        if not bool(above.any()):
+            break
+    return best
+
+
+def _order_needed(xp, ratio, bound, h):
+    """Smallest odd K >= 1 with bound * ratio**(K + 2) / (h * (1 - ratio**2)) <= SERIES_TAIL. Floats, any shape.
+
+    ratio = rho / R (the step over the Cauchy radius) and bound >= |g(u) - g(0)| on the disc |u| <= R;
+    where ratio >= 1 or bound is infinite no order will do: SERIES_MAX_ORDER + 2 (a fallback).
+    """
+    never = float(SERIES_MAX_ORDER + 2)
+    with _errstate(xp):
+        usable = (ratio < 1) & (bound < xp.inf)
+        trivial = usable & ((ratio == 0) | (bound == 0))
+        r = xp.where(usable & ~trivial, ratio, 0.5)
+        M = xp.where(usable & ~trivial, bound, 1.0)
+        scale = h * (1 - r * r)
+        K = xp.ceil(xp.log(SERIES_TAIL * scale / M) / xp.log(r)) - 2
+        K = xp.minimum(xp.maximum(K, 1.0), never)
+        K = K + (K % 2 == 0)
+        miss = M * r ** (K + 2) > SERIES_TAIL * scale  # the logarithms' rounding: one more order
+        K = xp.where(miss, K + 2, K)
+        K = xp.where(trivial, 1.0, K)
+        return xp.minimum(xp.where(usable, K, never), never)
+
+
+def _largest_order(xp, needed) -> int:
+    """The order that serves every pair not left to direct evaluation (at least 1)."""
+    usable = needed <= SERIES_MAX_ORDER
+    return int(xp.where(usable, needed, 1.0).max()) if needed.size else 1
+
+
+def _activation_series(activation, y0, g0, Z, order):
+    """Taylor coefficients 1..order in u of f(z + w(u)) - f(z), w = sum_k Z[k-1] u^k (len(Z) <= order).
+
+    y0 = f(z), g0 = f'(z) (broadcastable against Z's arrays). f' = G(f) with G(y) = 1 - y^2 (tanh),
+    y - y^2 (sigmoid), so y' = G(y) w' gives n y_n = sum_k k Z_k G_(n-k), G's coefficients from y's.
+    """
+    y, G = [y0], [g0]
+    for n in range(1, order + 1):
+        acc = 0.0
+        for k in range(1, min(n, len(Z)) + 1):
+            acc = acc + (k * Z[k - 1]) * G[n - k]
+        y.append(acc / n)
+        if n < order:
+            cross = 0.0
+            for i in range(1, n):
+                cross = cross + y[i] * y[n - i]
+            if activation == "tanh":
+                G.append(-(2 * y0 * y[n] + cross))
+            else:
+                G.append(y[n] * (1 - 2 * y0) - cross)
+    return y[1:]
+
+
+def _loss_series(xp, probs, labels, V, order):
+    """Taylor coefficients [L_1..L_order] (B, J) of g(u) = log sum_c p_c exp(d_c(u)), d = dscores - dscores_t.
+
+    V: the scores' change sum_k V[k-1] u^k, arrays (B, J, C). exp by n Y_n = sum_k k d_k Y_(n-k),
+    then log by L_n = E_n - (1/n) sum_(k<n) k L_k E_(n-k) with E_n = sum_c p_c Y_n,c (E_0 = 1).
+    """
+    d = [Vk - _label_component(xp, Vk, labels) for Vk in V]
+    p = probs[:, None, :]
+    Y, E, L = [None], [None], []
+    for n in range(1, order + 1):
+        acc = 0.0
+        for k in range(1, min(n, len(d)) + 1):
+            acc = acc + (k * d[k - 1]) * (Y[n - k] if n > k else 1.0)
+        Y.append(acc / n)
+        E.append((p * Y[n]).sum(axis=2))
+        L_n = E[n]
+        for k in range(1, n):
+            L_n = L_n - (k / n) * L[k - 1] * E[n - k]
+        L.append(L_n)
+    return L
+
+
+def _direct_differences(ops, cache, weights, biases, labels, activation, alpha, layer, samples, units, steps, detect):
+    """Direct evaluation: loss of sample samples[k] with z_layer[samples[k], units[k]] moved by +steps[k],
+    minus the same at -steps[k]; every later layer of that one sample recomputed. Chunked.
+
+    Returns (diff (N,) float64, cross_layer (N,) int64, cross_unit (N,) int64): the 1-based layer and the
+    unit of a relu/leaky pre-activation whose branch (z > 0) differs from the base pass at +h or -h
+    (the first one met), -1 where none (or when not ``detect``).
+    """
+    xp = ops.xp
+    count = samples.size
+    widths = sum(W.shape[1] for W in weights[layer + 1 :])
+    chunk = int(max(1, SERIES_CHUNK_BYTES // (8 * 4 * widths)))
+    diff = xp.empty(count, dtype=xp.float64)
+    cross_layer = xp.full(count, -1, dtype=xp.int64)
+    cross_unit = xp.full(count, -1, dtype=xp.int64)
+    n_layers = len(weights)
+    for start in range(0, count, chunk):
+        part = slice(start, min(start + chunk, count))
+        b, j, u = samples[part], units[part], steps[part]
+        base = cache.pre[layer][b, j]
+        base_out = cache.inputs[layer + 1][b, j]
+        probs, picked_label = cache.probs[b], labels[b][:, None]
+        hit_layer = xp.full(b.size, -1, dtype=xp.int64)
+        hit_unit = xp.full(b.size, -1, dtype=xp.int64)
+        changes = []
+        for signed in (u, -u):
+            moved = base + signed
+            dz = ops.activation(activation, moved[:, None], alpha)[:, 0] - base_out
+            if detect:
+                new = ((moved > 0) != (base > 0)) & (hit_layer < 0)
+                hit_layer = xp.where(new, layer + 1, hit_layer)
+                hit_unit = xp.where(new, j, hit_unit)
+            a_next = cache.pre[layer + 1][b] + dz[:, None] * weights[layer + 1][j]
+            for m in range(layer + 1, n_layers - 1):
+                if detect:
+                    flips = (a_next > 0) != (cache.pre[m][b] > 0)
+                    new = flips.any(axis=1) & (hit_layer < 0)
+                    hit_layer = xp.where(new, m + 1, hit_layer)
+                    hit_unit = xp.where(new, flips.argmax(axis=1), hit_unit)
+                a_next = ops.activation(activation, a_next, alpha) @ weights[m + 1] + biases[m + 1]
+            shift = a_next - cache.pre[-1][b]
+            picked = xp.take_along_axis(shift, picked_label, axis=1)[:, 0]
+            changes.append(xp.log1p((probs * xp.expm1(shift)).sum(axis=1)) - picked)
+        diff[part] = changes[0] - changes[1]
+        cross_layer[part], cross_unit[part] = hit_layer, hit_unit
+    return diff, cross_layer, cross_unit

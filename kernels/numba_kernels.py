@@ -12,7 +12,6 @@ import math
 import os
 
 import numpy as np
-import scipy.linalg  # noqa: F401  (loaded before threadpoolctl scans the BLAS libraries)
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
@@ -20,18 +19,15 @@ from threadpoolctl import ThreadpoolController
 # of the GEMM that follows (measured: a 100x784x50 GEMM 50x slower). Only read when libgomp starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from kernels import ACTIVATIONS, LEAKY_SLOPE  # noqa: E402
+from kernels import LEAKY_SLOPE  # noqa: E402
 from kernels import _generic as g
+from kernels.activations import ACTIVATION_CODES, Activation
 
 # No nnan/ninf: a NaN loss must stay visible. "reassoc" lets reductions vectorise.
 JIT = dict(cache=True, error_model="numpy", fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
-_KIND_CODE = {kind: code for code, kind in enumerate(ACTIVATIONS)}  # relu 0, sigmoid 1, tanh 2, leaky 3
-
-# The incremental kernel sums exp and log1p as power series of degree _SERIES_DEGREE where the
-# remainder is provably below _SERIES_REMAINDER per sample (see _series_is_exact); else it
-# evaluates expm1/log1p directly.
-_SERIES_DEGREE = 4
-_SERIES_REMAINDER = 2.0**-60
+_KIND_CODE = ACTIVATION_CODES  # the one table (kernels.activations), shared with the CuPy kernels
+# The compiled branches below read these (numba freezes them at compile time): never renumber the table.
+_RELU, _SIGMOID, _TANH, _LEAKY_RELU = (ACTIVATION_CODES[k] for k in ("relu", "sigmoid", "tanh", "leaky_relu"))
 
 
 @functools.cache
@@ -107,15 +103,15 @@ def _sigmoid_1d(x, out):
 @njit(**JIT)
 def _activation_1d(code, x, alpha, out):
     n = x.size
-    if code == 0:
+    if code == _RELU:
         for i in range(n):
             out[i] = 0.0 if x[i] <= 0 else x[i]  # NaN propagates, as in NumPy
-    elif code == 1:
+    elif code == _SIGMOID:
         _sigmoid_1d(x, out)
-    elif code == 2:
+    elif code == _TANH:
         for i in range(n):
             out[i] = math.tanh(x[i])
-    else:
+    elif code == _LEAKY_RELU:
         for i in range(n):
             out[i] = x[i] * alpha if x[i] <= 0 else x[i]
 
@@ -123,18 +119,18 @@ def _activation_1d(code, x, alpha, out):
 @njit(**JIT)
 def _activation_backward_1d(code, dout, x, y, alpha, out):
     n = dout.size
-    if code == 0:
+    if code == _RELU:
         for i in range(n):
             out[i] = dout[i] if x[i] > 0 else 0.0
-    elif code == 1:  # sigma'(x) = e / (1 + e)^2 with e = exp(-|x|): no cancellation where sigma saturates
+    elif code == _SIGMOID:  # sigma'(x) = e / (1 + e)^2 with e = exp(-|x|): no cancellation where sigma saturates
         e = _exp_neg_abs(x, 1.0)
         for i in range(n):
             out[i] = dout[i] * (e[i] / ((1.0 + e[i]) * (1.0 + e[i])))
-    elif code == 2:  # tanh'(x) = 4 e / (1 + e)^2 with e = exp(-2|x|), rather than 1 - y^2
+    elif code == _TANH:  # tanh'(x) = 4 e / (1 + e)^2 with e = exp(-2|x|), rather than 1 - y^2
         e = _exp_neg_abs(x, 2.0)
         for i in range(n):
             out[i] = dout[i] * (4.0 * e[i] / ((1.0 + e[i]) * (1.0 + e[i])))
-    else:
+    elif code == _LEAKY_RELU:
         for i in range(n):
             out[i] = dout[i] if x[i] > 0 else dout[i] * alpha
 
@@ -143,7 +139,40 @@ def _flat(a):
     return np.ascontiguousarray(a).reshape(-1)
 
 
+# A user-defined Activation's jitted scalar form, looped in compiled code. Not cached: a function
+# taking another jitted function is compiled once per process for each form it is given.
+@njit(error_model="numpy")
+def _map_1d(form, x, out):
+    for i in range(x.size):
+        out[i] = form(x[i])
+
+
+@njit(error_model="numpy")
+def _scale_by_1d(form, dout, x, out):
+    for i in range(x.size):
+        out[i] = dout[i] * form(x[i])
+
+
+def _custom_forward(activation: Activation, x):
+    """f(x) by the Activation's jitted scalar form, else its NumPy form; x's shape and dtype."""
+    if activation.numba_forward is None:
+        return np.asarray(activation.forward(x), dtype=x.dtype)
+    out = np.empty(x.shape, dtype=x.dtype)
+    _map_1d(activation.numba_forward, _flat(x), out.reshape(-1))
+    return out
+
+
+def _custom_derivative(activation: Activation, x):
+    if activation.numba_derivative is None:
+        return np.asarray(activation.derivative(x), dtype=x.dtype)
+    out = np.empty(x.shape, dtype=x.dtype)
+    _map_1d(activation.numba_derivative, _flat(x), out.reshape(-1))
+    return out
+
+
 def activation_forward(kind, x, alpha=LEAKY_SLOPE):
+    if not isinstance(kind, str):
+        return _custom_forward(kind, x)
     out = np.empty(x.shape, dtype=x.dtype)
     _activation_1d(_KIND_CODE[kind], _flat(x), x.dtype.type(alpha), out.reshape(-1))
     return out
@@ -151,6 +180,11 @@ def activation_forward(kind, x, alpha=LEAKY_SLOPE):
 
 def activation_backward(kind, dout, x, y, alpha=LEAKY_SLOPE):
     out = np.empty(dout.shape, dtype=dout.dtype)
+    if not isinstance(kind, str):
+        if kind.numba_derivative is None:
+            return dout * np.asarray(kind.derivative(x), dtype=dout.dtype)
+        _scale_by_1d(kind.numba_derivative, _flat(dout), _flat(x), out.reshape(-1))
+        return out
     _activation_backward_1d(_KIND_CODE[kind], _flat(dout), _flat(x), _flat(y), dout.dtype.type(alpha), out.reshape(-1))
     return out
 
@@ -159,30 +193,32 @@ def activation_backward(kind, dout, x, y, alpha=LEAKY_SLOPE):
 def _activation_with_derivative_1d(code, a, alpha, out, derivative):
     """out = f(a) and derivative = f'(a) in one sweep (sigmoid/tanh derivatives from exp(-|a|))."""
     n = a.size
-    if code == 0:
+    if code == _RELU:
         for i in range(n):
             out[i] = 0.0 if a[i] <= 0 else a[i]
             derivative[i] = 1.0 if a[i] > 0 else 0.0
-    elif code == 1:
+    elif code == _SIGMOID:
         e = _exp_neg_abs(a, 1.0)
         for i in range(n):
             r = 1.0 / (1.0 + e[i])
             q = e[i] * r
             out[i] = r if a[i] >= 0 else q
             derivative[i] = q * r
-    elif code == 2:
+    elif code == _TANH:
         e = _exp_neg_abs(a, 2.0)
         for i in range(n):
             r = 1.0 / (1.0 + e[i])
             out[i] = math.tanh(a[i])
             derivative[i] = 4.0 * e[i] * r * r
-    else:
+    elif code == _LEAKY_RELU:
         for i in range(n):
             out[i] = a[i] * alpha if a[i] <= 0 else a[i]
             derivative[i] = 1.0 if a[i] > 0 else alpha
 
 
 def _activation_with_derivative(kind, a, alpha):
+    if not isinstance(kind, str):
+        return _custom_forward(kind, a), _custom_derivative(kind, a)
     out, derivative = np.empty_like(a), np.empty_like(a)
     _activation_with_derivative_1d(
         _KIND_CODE[kind], _flat(a), a.dtype.type(alpha), out.reshape(-1), derivative.reshape(-1)
@@ -339,12 +375,18 @@ def softmax_cross_entropy_backward(probs, target, dout=1.0):
 # ----------------------------------------------------------------------------- numerical gradient
 
 
-@njit(parallel=True, **JIT)
+@njit(parallel=True, cache=True, error_model="numpy")
 def _set_losses(scores, labels, out):
-    """Mean cross-entropy per parameter set. scores: (B, S, C)."""
+    """Mean cross-entropy per parameter set. scores: (B, S, C).
+
+    No fastmath: the batched method differences two of these losses, so the batch sum is
+    compensated (Kahan, which reassociation would undo) and exp/log are libm's; a plain running
+    sum put the result 2.2e-11 from the NumPy naive loop on the seed net.
+    """
     batch, sets, classes = scores.shape
     for s in prange(sets):
         total = 0.0
+        compensation = 0.0
         for b in range(batch):
             top = scores[b, s, 0]
             for c in range(1, classes):
@@ -352,7 +394,10 @@ def _set_losses(scores, labels, out):
             acc = 0.0
             for c in range(classes):
                 acc += math.exp(scores[b, s, c] - top)
-            total += math.log(acc) + top - scores[b, s, labels[b]]
+            term = (math.log(acc) + top - scores[b, s, labels[b]]) - compensation
+            moved = total + term
+            compensation = (moved - total) - term
+            total = moved
         out[s] = total / batch
 
 
@@ -382,54 +427,27 @@ def numerical_gradient_batched(weights, biases, x, labels, activation, alpha, we
 @njit(**JIT)
 def _activation_change(code, a, y, d, e, alpha):
     """f(a + d) - f(a) with y = f(a); e = expm1(d) for sigmoid, tanh(d) for tanh (exact identities)."""
-    if code == 1:  # sigma(a + d) - sigma(a) = s (1 - s) (e^d - 1) / (1 + s (e^d - 1))
+    if code == _SIGMOID:  # sigma(a + d) - sigma(a) = s (1 - s) (e^d - 1) / (1 + s (e^d - 1))
         return y * (1.0 - y) * e / (1.0 + y * e)
-    if code == 2:  # tanh(a + d) - tanh(a) = (1 - t^2) tanh(d) / (1 + t tanh(d))
+    if code == _TANH:  # tanh(a + d) - tanh(a) = (1 - t^2) tanh(d) / (1 + t tanh(d))
         return (1.0 - y * y) * e / (1.0 + y * e)
     moved = a + d
-    if code == 0:
+    if code == _RELU:
         return (0.0 if moved <= 0 else moved) - y
     return (moved * alpha if moved <= 0 else moved) - y
-
-
-@njit(parallel=True, **JIT)
-def _hidden_to_output_series(
-    code, alpha, h, rows_z, row_ptr, row_samples, e_plus, e_minus, pre, post, moments, picked_w, out
-):
-    """Loss differences for weights feeding the last hidden layer, exp/log1p by short power series.
-
-    Moving W[i, j] by +-h moves the hidden unit j of sample b by dz = f(a + d) - f(a), d = h z[b, i],
-    and every score by dz * W_next[j, c]. With the base softmax p reused, the new log-sum-exp is
-    lse + log1p(S), S = sum_c p_c expm1(dz w_c) = dz m1 + dz^2 m2 + dz^3 m3 + dz^4 m4, where
-    m_k = sum_c p_c w_c^k / k! (moments[b, k-1, j]); log1p(S) = S - S^2/2 + S^3/3 - S^4/4. The caller
-    checked that both remainders are below 2**-60 per sample. Samples with z[b, i] == 0 move nothing
-    and are not visited. out[i, j] = sum over b of (loss change at +h) - (loss change at -h).
-    """
-    n_rows = row_ptr.size - 1
-    hidden = pre.shape[1]
-    for i in prange(n_rows):
-        acc = np.zeros(hidden)
-        for n in range(row_ptr[i], row_ptr[i + 1]):
-            b = row_samples[n]
-            d = h * rows_z[n]
-            ep, em = e_plus[n], e_minus[n]
-            for j in range(hidden):
-                dzp = _activation_change(code, pre[b, j], post[b, j], d, ep, alpha)
-                dzm = _activation_change(code, pre[b, j], post[b, j], -d, em, alpha)
-                m1, m2, m3, m4 = moments[b, 0, j], moments[b, 1, j], moments[b, 2, j], moments[b, 3, j]
-                sp = dzp * (m1 + dzp * (m2 + dzp * (m3 + dzp * m4)))
-                sm = dzm * (m1 + dzm * (m2 + dzm * (m3 + dzm * m4)))
-                lp = sp * (1.0 - sp * (0.5 - sp * (1.0 / 3.0 - sp * 0.25)))
-                lm = sm * (1.0 - sm * (0.5 - sm * (1.0 / 3.0 - sm * 0.25)))
-                acc[j] += (lp - lm) - (dzp - dzm) * picked_w[b, j]
-        out[i, :] = acc
 
 
 @njit(parallel=True, **JIT)
 def _hidden_to_output_direct(
     code, alpha, h, rows_z, row_ptr, row_samples, e_plus, e_minus, pre, post, probs, w_next, labels, out
 ):
-    """As _hidden_to_output_series, with expm1 and log1p evaluated directly (any step size)."""
+    """Loss differences for weights feeding the last hidden layer, by direct evaluation.
+
+    Moving W[i, j] by +-h moves hidden unit j of sample b by dz = f(a + d) - f(a), d = h z[b, i], and
+    every score by dz * w_next[j, c]: with the base softmax p reused, the loss changes by
+    log1p(sum_c p_c expm1(dz w_next[j, c])) - dz w_next[j, label]. Samples with z[b, i] == 0 move
+    nothing and are not visited. out[i, j] = sum over b of (change at +h) - (change at -h).
+    """
     n_rows = row_ptr.size - 1
     hidden = pre.shape[1]
     classes = probs.shape[1]
@@ -451,26 +469,10 @@ def _hidden_to_output_direct(
         out[i, :] = acc
 
 
-_LIPSCHITZ = {"relu": 1.0, "sigmoid": 0.25, "tanh": 1.0, "leaky_relu": 1.0}
-
-
-def _series_is_exact(activation, h, z_max, w_next):
-    """True when the degree-4 exp and log1p series are exact to 2**-60 for every moved sample.
-
-    |dz| <= L h max|z| (L: the activation's Lipschitz constant), so |dz w_c| <= U. The exp series
-    remainder is at most U^5 e^U / 5!, and |S| <= e^U - 1 bounds the log1p remainder |S|^5 / (5 (1 - |S|)).
-    """
-    bound = _LIPSCHITZ[activation] * h * z_max * float(np.abs(w_next).max(initial=0.0))
-    if bound >= 1e-2:
-        return False
-    s_max = math.expm1(bound)
-    exp_tail = bound**5 * math.exp(bound) / 120
-    log_tail = s_max**5 / (5 * (1 - s_max))
-    return max(exp_tail, log_tail) <= _SERIES_REMAINDER
-
-
 def _hidden_to_output(cache, weights, biases, labels, activation, alpha, h, layer):
     """Numba fast path of the generic hidden-layer differences when layer + 1 is the output layer."""
+    if not isinstance(activation, str):  # a user-defined Activation: the generic loop calls its forms
+        return g._hidden_layer_differences(_OPS, cache, weights, biases, labels, activation, alpha, h, layer)
     z_in = cache.inputs[layer]
     batch, n_in = z_in.shape
     w_next = weights[layer + 1]
@@ -492,30 +494,9 @@ def _hidden_to_output(cache, weights, biases, labels, activation, alpha, h, laye
     code = _KIND_CODE[activation]
     out = np.empty((n_in + 1, w_next.shape[0]))
     with _one_blas_thread():
-        if _series_is_exact(activation, h, float(np.abs(z_in).max(initial=1.0)), w_next):
-            powers = np.stack([w_next**k / math.factorial(k) for k in range(1, _SERIES_DEGREE + 1)])  # (4, H, C)
-            moments = np.ascontiguousarray(np.einsum("bc,khc->bkh", cache.probs, powers))
-            picked_w = np.ascontiguousarray(w_next[:, labels].T)
-            _hidden_to_output_series(
-                code, alpha, h, rows_z, row_ptr, row_samples, e_plus, e_minus, pre, post, moments, picked_w, out
-            )
-        else:
-            _hidden_to_output_direct(
-                code,
-                alpha,
-                h,
-                rows_z,
-                row_ptr,
-                row_samples,
-                e_plus,
-                e_minus,
-                pre,
-                post,
-                cache.probs,
-                w_next,
-                labels,
-                out,
-            )
+        _hidden_to_output_direct(
+            code, alpha, h, rows_z, row_ptr, row_samples, e_plus, e_minus, pre, post, cache.probs, w_next, labels, out
+        )
     out /= 2 * h * batch
     return out[:n_in], out[n_in]
 
@@ -525,7 +506,176 @@ _INCREMENTAL_OPS = g.Ops(
 )
 
 
-def numerical_gradient_incremental(weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None):
+def numerical_gradient_incremental(
+    weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
+):
     return g.numerical_gradient_incremental(
-        _INCREMENTAL_OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress
+        _INCREMENTAL_OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
     )
+
+
+def numerical_gradient_series(
+    weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
+):
+    return g.numerical_gradient_series(
+        _SERIES_OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
+    )
+
+
+# ----------------------------------------------------------------------------- series: the layer feeding the output
+# The NumPy version is kernels._generic._output_feeding_pair_series (docs/series.md, sections 2-5); this
+# fuses its (B, J, C) passes into one loop per (sample, unit). The bounds use plain float64 math (no fastmath).
+
+
+@njit(cache=True, error_model="numpy")
+def _order_needed_scalar(ratio, bound, h, tail, max_order):
+    """Smallest odd K with bound * ratio**(K + 2) / (h (1 - ratio**2)) <= tail; max_order + 2 if none."""
+    never = max_order + 2
+    if not (ratio < 1.0) or not (bound < math.inf):
+        return never
+    if ratio == 0.0 or bound == 0.0:
+        return 1
+    scale = h * (1.0 - ratio * ratio)
+    K = 1
+    while K <= max_order:
+        if bound * ratio ** (K + 2) <= tail * scale:
+            return K
+        K += 2
+    return never
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _output_feeding_needed(code, theta, f2, loss_radius, h, tail, max_order, z, slope, w_next, labels, rho, needed):
+    """needed[b, j]: the order the bound of the output-feeding layer asks for (see _output_feeding_needed_py)."""
+    batch, units = z.shape
+    classes = w_next.shape[1]
+    for b in prange(batch):
+        t = labels[b]
+        for j in range(units):
+            wt = w_next[j, t]
+            widest = 0.0
+            for c in range(classes):
+                widest = max(widest, abs(w_next[j, c] - wt))
+            a = abs(slope[b, j]) * widest
+            if code == _RELU or code == _LEAKY_RELU:
+                reach = min(rho[b], abs(z[b, j]))
+                cc = 0.0
+                limit = math.inf
+            else:
+                reach = rho[b]
+                cc = 0.5 * f2 * widest
+                limit = theta
+            denominator = a + math.sqrt(a * a + 4.0 * cc * loss_radius)
+            if denominator == 0.0:
+                needed[b, j] = 1
+                continue
+            radius = min(2.0 * loss_radius / denominator, limit)
+            bound = -math.log1p(-math.expm1(a * radius + cc * radius * radius))
+            needed[b, j] = _order_needed_scalar(reach / radius, bound, h, tail, max_order)
+
+
+@njit(parallel=True, **JIT)
+def _output_feeding_coefficients(code, order, probs, w_next, labels, y0, slope, out):
+    """out[n - 1, b, j]: Taylor coefficient n of g(u) = phi(y(u)) (phi: cumulants of w - w_t under p)."""
+    batch, units = y0.shape
+    classes = w_next.shape[1]
+    inverse = np.empty(order + 2)
+    for n in range(1, order + 2):
+        inverse[n] = 1.0 / n
+    for b in prange(batch):
+        t = labels[b]
+        spread = np.empty(classes)
+        term = np.empty(classes)
+        E = np.empty(order + 1)
+        phi = np.empty(order + 1)
+        y = np.zeros(order + 1)
+        G = np.zeros(order + 1)
+        power = np.zeros(order + 1)
+        nxt = np.zeros(order + 1)
+        for j in range(units):
+            wt = w_next[j, t]
+            for c in range(classes):
+                spread[c] = w_next[j, c] - wt
+                term[c] = probs[b, c] * spread[c]
+            for n in range(1, order + 1):
+                acc = 0.0
+                for c in range(classes):
+                    acc += term[c]
+                E[n] = acc
+                value = acc
+                for k in range(1, n):
+                    value -= (k * inverse[n]) * phi[k] * E[n - k]
+                phi[n] = value
+                if n < order:
+                    scale = inverse[n + 1]
+                    for c in range(classes):
+                        term[c] *= spread[c] * scale
+            if code == _RELU or code == _LEAKY_RELU:
+                s = slope[b, j]
+                p = s
+                for n in range(1, order + 1):
+                    out[n - 1, b, j] = phi[n] * p
+                    p *= s
+                continue
+            # y(u) = f(z + u) - f(z): n y_n = G_(n-1), G = f'(f) as a series
+            f0 = y0[b, j]
+            G[0] = slope[b, j]
+            for n in range(1, order + 1):
+                y[n] = G[n - 1] / n
+                if n < order:
+                    cross = 0.0
+                    for i in range(1, n):
+                        cross += y[i] * y[n - i]
+                    if code == _TANH:
+                        G[n] = -(2.0 * f0 * y[n] + cross)
+                    else:
+                        G[n] = y[n] * (1.0 - 2.0 * f0) - cross
+            for n in range(1, order + 1):
+                out[n - 1, b, j] = phi[1] * y[n]
+                power[n] = y[n]
+            for m in range(2, order + 1):
+                for n in range(1, order + 1):
+                    nxt[n] = 0.0
+                for n in range(m, order + 1):
+                    acc = 0.0
+                    for k in range(m - 1, n):
+                        acc += power[k] * y[n - k]
+                    nxt[n] = acc
+                for n in range(1, order + 1):
+                    power[n] = nxt[n]
+                for n in range(m, order + 1):
+                    out[n - 1, b, j] += phi[m] * power[n]
+
+
+def _output_feeding_series(cache, derivatives, weights, labels, activation, layer, cols, rho, h):
+    """Numba form of kernels._generic._output_feeding_pair_series (same arguments, same results)."""
+    if activation not in (*g.SERIES_STRIPS, *g._KINKED):
+        return g._output_feeding_pair_series(np, cache, derivatives, weights, labels, activation, layer, cols, rho, h)
+    code = _KIND_CODE[activation]
+    theta, f2 = g.SERIES_STRIPS.get(activation, (math.inf, 0.0))
+    w_next = np.ascontiguousarray(weights[layer + 1][cols])
+    z = np.ascontiguousarray(cache.pre[layer][:, cols])
+    slope = np.ascontiguousarray(derivatives[layer][:, cols])
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    needed = np.empty(z.shape, dtype=np.int64)
+    _output_feeding_needed(
+        code, theta, f2, g._LOSS_RADIUS, h, g.SERIES_TAIL, g.SERIES_MAX_ORDER, z, slope, w_next, labels, rho, needed
+    )
+    order = int(needed[needed <= g.SERIES_MAX_ORDER].max(initial=1))
+    out = np.empty((order,) + z.shape)
+    y0 = np.ascontiguousarray(cache.inputs[layer + 1][:, cols])
+    _output_feeding_coefficients(code, order, cache.probs, w_next, labels, y0, slope, out)
+    inverse_radius = None
+    if activation in g._KINKED:
+        with np.errstate(divide="ignore"):
+            inverse_radius = 1.0 / np.abs(z)
+    return list(out), needed.astype(np.float64), inverse_radius
+
+
+_SERIES_OPS = g.Ops(
+    xp=np,
+    activation=activation_forward,
+    set_losses=_set_losses_py,
+    activation_with_derivative=_activation_with_derivative,
+    output_feeding_series=_output_feeding_series,
+)

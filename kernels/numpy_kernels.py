@@ -58,7 +58,17 @@ def numerical_gradient_batched(weights, biases, x, labels, activation, alpha, we
     return g.numerical_gradient_batched(_OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress)
 
 
-def numerical_gradient_incremental(weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None):
+def numerical_gradient_incremental(
+    weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
+):
     return g.numerical_gradient_incremental(
-        _OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress
+        _OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
+    )
+
+
+def numerical_gradient_series(
+    weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
+):
+    return g.numerical_gradient_series(
+        _OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 from backends import Backend
 from kernels import LEAKY_SLOPE
+from kernels.activations import Activation as ActivationFunction
 
 Array = Any
 
@@ -48,21 +49,27 @@ class Affine(Layer):
 
 
 class Activation(Layer):
-    """Elementwise activation ``kind`` (one of kernels.ACTIVATIONS)."""
+    """Elementwise activation ``kind``: one of kernels.ACTIVATIONS, or a kernels.activations.Activation."""
 
-    kind = ""
+    kind: str | ActivationFunction = ""
 
-    def __init__(self, backend: Backend, alpha: float = LEAKY_SLOPE) -> None:
+    def __init__(
+        self, backend: Backend, alpha: float = LEAKY_SLOPE, kind: str | ActivationFunction | None = None
+    ) -> None:
         super().__init__(backend)
         self.alpha = alpha
+        if kind is not None:
+            self.kind = kind
 
     def forward(self, x: Array) -> Array:
+        """x: any shape -> f(x), same shape and dtype."""
         self.x = x
         self.y = self.backend.kernels.activation_forward(self.kind, x, self.alpha)
         self._ready = True
         return self.y
 
     def backward(self, dout: Array) -> Array:
+        """dL/dy (shape of x) -> dL/dx = dout * f'(x)."""
         self._check_forward_done()
         return self.backend.kernels.activation_backward(self.kind, dout, self.x, self.y, self.alpha)
 
@@ -84,6 +91,13 @@ class LeakyRelu(Activation):
 
 
 ACTIVATION_LAYERS = {cls.kind: cls for cls in (Relu, Sigmoid, Tanh, LeakyRelu)}
+
+
+def activation_layer(activation: str | ActivationFunction, backend: Backend, alpha: float = LEAKY_SLOPE) -> Activation:
+    """The layer for a built-in activation name (Relu, Sigmoid, ...) or for a user-defined Activation."""
+    if isinstance(activation, str):
+        return ACTIVATION_LAYERS[activation](backend, alpha)
+    return Activation(backend, alpha, kind=activation)
 
 
 class SoftmaxWithLoss(Layer):
