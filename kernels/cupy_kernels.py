@@ -20,7 +20,9 @@ import cupy
 import numpy as np
 
 from kernels import LEAKY_SLOPE
+from kernels import _cupy_backprop as _backprop
 from kernels import _generic as g
+from kernels.activations import ACTIVATION_CODES, Activation
 
 Array = Any  # cupy.ndarray
 
@@ -28,9 +30,16 @@ _OPTIONS = ("--fmad=false",)
 _THREADS = 128  # threads per block of the one-thread-per-row / per-parameter kernels
 _XENT_BLOCK = 512  # threads of the single block of the fused softmax + cross-entropy kernel
 _MAX_CHUNK_BYTES = 2 * 2**30  # cap on one chunk's working set in the numerical-gradient methods
-_ACTIVATION_CODES = {"relu": 0, "sigmoid": 1, "tanh": 2, "leaky_relu": 3}  # gg_activation's switch
+_ACTIVATION_CODES = ACTIVATION_CODES  # the one table (kernels.activations), shared with the Numba kernels
+_ACTIVATION_CALLS = {
+    "relu": "gg_relu(x)",
+    "sigmoid": "gg_sigmoid(x)",
+    "tanh": "tanh(x)",
+    "leaky_relu": "gg_leaky_relu(x, alpha)",
+}
 
-# Activations shared by the elementwise kernels and the raw ones, so both round alike.
+# Activations shared by the elementwise kernels and the raw ones, so both round alike. gg_activation's
+# switch is generated from the code table, so the raw kernels and the Python side cannot disagree.
 _ACTIVATION_SOURCE = r"""
 template <typename F> __device__ __forceinline__ F gg_relu(F x) { return x < F(0) ? F(0) : x; }
 template <typename F> __device__ __forceinline__ F gg_sigmoid(F x) {
@@ -38,7 +47,16 @@ template <typename F> __device__ __forceinline__ F gg_sigmoid(F x) {
     return x >= F(0) ? F(1) / (F(1) + e) : e / (F(1) + e);
 }
 template <typename F> __device__ __forceinline__ F gg_leaky_relu(F x, F alpha) { return x > F(0) ? x : x * alpha; }
-"""
+__device__ __forceinline__ double gg_activation(int kind, double x, double alpha) {
+    switch (kind) {  // codes: kernels.activations.ACTIVATION_CODES
+GG_ACTIVATION_CASES
+        default: return __longlong_as_double(0x7ff8000000000000LL);  // not a code: NaN, never a wrong activation
+    }
+}
+""".replace(
+    "GG_ACTIVATION_CASES",
+    "\n".join(f"        case {ACTIVATION_CODES[kind]}: return {call};" for kind, call in _ACTIVATION_CALLS.items()),
+)
 
 _RAW_SOURCE = r"""
 // Softmax of one row s (n_classes) into p; returns sum(exp(s - max)) and sets *row_max.
@@ -100,15 +118,6 @@ __global__ void gg_row_xent(const double* scores, const long long* labels, doubl
     double total = 0.0;
     for (int c = 0; c < n_classes; ++c) total += exp(s[c] - m);
     out[r] = log(total) - (s[labels[(r / repeat) % n_labels]] - m);
-}
-
-__device__ __forceinline__ double gg_activation(int kind, double x, double alpha) {
-    switch (kind) {  // codes: _ACTIVATION_CODES in cupy_kernels.py
-        case 0: return gg_relu(x);
-        case 1: return gg_sigmoid(x);
-        case 2: return tanh(x);
-        default: return gg_leaky_relu(x, alpha);
-    }
 }
 
 // Last layer W (n_in, n_classes) and b: grad[i, j] = (sum_b loss(+h) - loss(-h)) / denom, one thread
@@ -264,14 +273,36 @@ def affine_backward(dout: Array, x: Array, W: Array, need_dx: bool = True) -> tu
     return dx, x.T @ dout, dout.sum(axis=0)
 
 
-def activation_forward(kind: str, x: Array, alpha: float = LEAKY_SLOPE) -> Array:
-    """Elementwise activation ``kind`` of x (any shape, float32/float64): one kernel launch."""
+def _custom_forward(activation: Activation, x: Array) -> Array:
+    """f(x) by the Activation's CuPy form, else its NumPy form called with the CuPy array; x's dtype."""
+    form = activation.cupy_forward or activation.forward
+    return cupy.asarray(form(x), dtype=x.dtype)
+
+
+def _custom_derivative(activation: Activation, x: Array) -> Array:
+    form = activation.cupy_derivative or activation.derivative
+    return cupy.asarray(form(x), dtype=x.dtype)
+
+
+def activation_forward(kind: str | Activation, x: Array, alpha: float = LEAKY_SLOPE) -> Array:
+    """Elementwise activation ``kind`` of x (any shape, float32/float64): one kernel launch for a built-in."""
+    if not isinstance(kind, str):
+        return _custom_forward(kind, x)
     return _FORWARD[kind](x, alpha)
 
 
-def activation_backward(kind: str, dout: Array, x: Array, y: Array, alpha: float = LEAKY_SLOPE) -> Array:
-    """dL/dx from dL/dy = dout for y = activation(x): one kernel launch."""
+def activation_backward(kind: str | Activation, dout: Array, x: Array, y: Array, alpha: float = LEAKY_SLOPE) -> Array:
+    """dL/dx from dL/dy = dout for y = activation(x): one kernel launch for a built-in."""
+    if not isinstance(kind, str):
+        return dout * _custom_derivative(kind, x)
     return _BACKWARD[kind](dout, x, y, alpha)
+
+
+def _activation_with_derivative(kind: str | Activation, a: Array, alpha: float) -> tuple[Array, Array]:
+    """(f(a), f'(a)) for backprop: the generic sweep for a built-in, the Activation's forms otherwise."""
+    if not isinstance(kind, str):
+        return _custom_forward(kind, a), _custom_derivative(kind, a)
+    return g.activation_with_derivative(cupy, kind, a, alpha)
 
 
 def softmax(scores: Array) -> Array:
@@ -329,15 +360,29 @@ _OPS = g.Ops(
     xp=cupy,
     activation=activation_forward,
     set_losses=_set_losses,
-    activation_with_derivative=functools.partial(g.activation_with_derivative, cupy),
+    activation_with_derivative=_activation_with_derivative,
     softmax_cross_entropy_gradient=functools.partial(g.softmax_cross_entropy_gradient, cupy),
 )
 
 
+# Backprop in 8 launches for a two-layer net (kernels._cupy_backprop): cuBLAS GEMMs plus three fused
+# kernels. False: the generic array expressions below (about 35 launches), the reference it matches.
+# Off until tests/test_cupy.py has passed on a real device (issue 16): the fused kernels have only
+# run on a CPU emulation so far. The GPU tests switch it on themselves.
+_FUSED_BACKPROP = False
+_RAW_CUBLAS = True  # the fused path's GEMMs: cuBLAS called directly (True) or cupy.matmul(out=...) (False)
+
+
 def network_gradient(
-    weights: list, biases: list, x: Array, labels: Array, activation: str, alpha: float = LEAKY_SLOPE
+    weights: list, biases: list, x: Array, labels: Array, activation: str | Activation, alpha: float = LEAKY_SLOPE
 ) -> tuple[Array, list, list]:
-    """Fused backprop (kernels._generic.network_gradient) on the device; the loss stays a 0-d device array."""
+    """Backprop on the device: (loss as a 0-d device array, dWs, dbs) in x's dtype; no host round trip.
+
+    A built-in activation on float32/float64 C-contiguous arrays and int64 labels takes the fused
+    path (kernels._cupy_backprop); anything else, an Activation included, the generic implementation.
+    """
+    if _FUSED_BACKPROP and _backprop.fusable(weights, biases, x, labels, activation):
+        return _backprop.network_gradient(weights, biases, x, labels, activation, alpha, raw=_RAW_CUBLAS)
     return g.network_gradient(cupy, _OPS, weights, biases, x, labels, activation, alpha)
 
 
@@ -381,35 +426,68 @@ def numerical_gradient_incremental(
     weight_decay: float,
     h: float,
     progress: Callable[[int], None] | None = None,
+    kinks: dict | None = None,
 ) -> tuple[list[Array], list[Array]]:
     """Exact central differences, recomputing only what each perturbation changes. float64 (dWs, dbs).
 
     The last layer and the hidden layer that feeds it take one launch each, a thread per parameter
     that sums over the batch in order; a deeper layer recomputes the rest of the pass for its
     changed (input, sample) pairs, a chunk of units at a time, and sums each input's pairs in order.
-    No atomics: repeated calls are bit-identical.
+    No atomics: repeated calls are bit-identical. ``kinks``: see kernels/__init__ (device arrays).
     """
     labels = _labels(labels)
+    if not isinstance(activation, str):  # a user-defined Activation: the generic loop calls its forms
+        return g.numerical_gradient_incremental(
+            _OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
+        )
     cache = g.forward_cache(cupy, _OPS, weights, biases, x, labels, activation, alpha)
     n_layers = len(weights)
     denom = np.float64(2 * h * x.shape[0])
     chunk_bytes = _chunk_bytes()
+    detect = kinks is not None and activation in g._KINKED
     dWs, dbs = [], []
     for layer in range(n_layers):
+        crossings = [] if detect else None
         if layer == n_layers - 1:
             grad = _last_layer_differences(cache, labels, h, denom)
         elif layer == n_layers - 2:
             grad = _hidden_to_output_differences(cache, weights[-1], labels, activation, alpha, h, denom, layer)
+            if detect:
+                crossings.append(g._unit_crossing_rows(cupy, cache, h, layer))
         else:
-            grad = _deep_layer_differences(cache, weights, biases, labels, activation, alpha, h, layer, chunk_bytes)
+            grad = _deep_layer_differences(
+                cache, weights, biases, labels, activation, alpha, h, layer, chunk_bytes, crossings
+            )
             grad /= denom
         dW, db = grad[:-1], grad[-1]
         dW += g._decay_difference(cupy, weights[layer], weight_decay, h)
         dWs.append(dW)
         dbs.append(db)
+        if kinks is not None:
+            rows = g._first_row_per_entry(cupy, cupy.concatenate(crossings)) if crossings else g._kink_rows(cupy)
+            g._store_kinks(cupy, kinks, layer, rows, weights[layer].size)
         if progress is not None:
             progress(weights[layer].size + biases[layer].size)
     return dWs, dbs
+
+
+def numerical_gradient_series(
+    weights: list[Array],
+    biases: list[Array],
+    x: Array,
+    labels: Array,
+    activation: str,
+    alpha: float,
+    weight_decay: float,
+    h: float,
+    progress: Callable[[int], None] | None = None,
+    kinks: dict | None = None,
+) -> tuple[list[Array], list[Array]]:
+    """The series method (kernels._generic.numerical_gradient_series, docs/series.md) on the device:
+    cuBLAS GEMMs over all (sample, unit) pairs, cupy elementwise Taylor arithmetic. float64 (dWs, dbs)."""
+    return g.numerical_gradient_series(
+        _OPS, weights, biases, x, _labels(labels), activation, alpha, weight_decay, h, progress, kinks=kinks
+    )
 
 
 def _last_layer_differences(cache: g.ForwardCache, labels: Array, h: float, denom: np.float64) -> Array:
@@ -457,6 +535,7 @@ def _deep_layer_differences(
     h: float,
     layer: int,
     chunk_bytes: int,
+    crossings: list | None = None,
 ) -> Array:
     """Summed loss differences (n_in + 1, n_out) float64 of a hidden layer two or more layers before the output.
 
@@ -464,6 +543,7 @@ def _deep_layer_differences(
     input[b, i] != 0: the (i, b) pairs, ordered by i, the bias being an input of ones. The rest of
     the pass is recomputed for every pair of a chunk of units j at once, then each input's pairs are
     summed in order. Finding the pairs waits for the device once (their count) per layer.
+    crossings: None, or a list that gets kink rows (see kernels._generic._hidden_layer_differences).
     """
     z_in = cache.inputs[layer]
     batch, n_in = z_in.shape
@@ -487,14 +567,29 @@ def _deep_layer_differences(
         chunk = slice(first, min(first + units, n_out))
         n_units = chunk.stop - first
         changes = []
+        hits = None
+        if crossings is not None:
+            hits = [cupy.full((n_units, n_pairs), -1, dtype=cupy.int64) for _ in range(2)]
         for signed_steps in (steps, -steps):
-            dz = activation_forward(activation, pre_units[chunk] + signed_steps, alpha) - base_units[chunk]
+            moved = pre_units[chunk] + signed_steps
+            dz = activation_forward(activation, moved, alpha) - base_units[chunk]
+            if hits is not None:
+                unit_ids = cupy.arange(first, chunk.stop)[:, None]
+                g._mark_crossings(cupy, hits, (moved > 0) != (pre_units[chunk] > 0), layer + 1, unit_ids)
             a = _RANK1_UPDATE(pre_next, dz[:, :, None], W_next[chunk][:, None, :])  # (units, n_pairs, n_next)
             a = a.reshape(n_units * n_pairs, a.shape[2])
             for m in range(layer + 2, len(weights)):
+                if hits is not None:
+                    flips = (a.reshape(n_units, n_pairs, -1) > 0) != (cache.pre[m - 1][samples] > 0)[None]
+                    g._mark_crossings(cupy, hits, flips.any(axis=2), m, flips.argmax(axis=2))
                 a = affine_forward(activation_forward(activation, a, alpha), weights[m], biases[m])
             changes.append(_row_losses(a, pair_labels).reshape(n_units, n_pairs) - base_loss)
         diff = changes[0] - changes[1]
+        if hits is not None:
+            unit_index, pair_index = cupy.nonzero(hits[0] >= 0)
+            flat = rows[pair_index] * n_out + unit_index + first
+            found = (flat, samples[pair_index], hits[0][unit_index, pair_index], hits[1][unit_index, pair_index])
+            crossings.append(g._kink_rows(cupy, cupy.stack(found, axis=1)))
         sizes = np.int32(n_in + 1), np.int32(n_units), np.int64(n_pairs), np.int32(n_out), np.int32(first)
         _launch("gg_segment_sums", (n_in + 1) * n_units, (diff, offsets, grad, *sizes))
     return grad

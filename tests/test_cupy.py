@@ -339,3 +339,120 @@ def test_mnist_nets_match_numpy(gpu, mnist_dir):
         want = net_ref.numerical_gradient(x, t, method="incremental")
         for method in ("batched", "incremental"):
             check_numerical(gpu, net, x, t, method, want, f"{net!r} {method}")
+
+
+# --- fused backprop (kernels._cupy_backprop) --------------------------------------------------------
+
+# Shapes that reach every branch of the fused kernels: the seed net (784-50-10, batch 100); a deep net
+# with weight decay, more rows than the output kernel's block has threads (1100 > 512), hidden widths
+# over one column-sum block (70, 40 > 32) and more classes than that block has warps (20 > 16).
+FUSED_NETS = {
+    "seed": (lambda act, be, dtype: TwoLayerNet(784, 50, 10, activation=act, backend=be, dtype=dtype), 100),
+    "deep-decay-wide": (
+        lambda act, be, dtype: MultiLayerNet(
+            30, [70, 40], 20, activation=act, weight_decay_lambda=0.01, seed=6, backend=be, dtype=dtype
+        ),
+        1100,
+    ),
+}
+
+
+def device_inputs(gpu, net, dtype: str, batch: int) -> tuple[np.ndarray, np.ndarray, object, object]:
+    """(x, t) on the host and on the device (labels int64, as nets hands them to the kernels)."""
+    x, t = make_batch(net, dtype, batch=batch, seed=10)
+    return x, t, gpu.asarray(x), gpu.asarray(t.astype(np.int64))
+
+
+def kernel_args(net, x_d, t_d) -> tuple[list, list, object, object]:
+    weights = [net.params[f"W{m}"] for m in range(1, net.n_layers + 1)]
+    biases = [net.params[f"b{m}"] for m in range(1, net.n_layers + 1)]
+    return weights, biases, x_d, t_d
+
+
+@pytest.mark.parametrize("raw_cublas", [True, False], ids=["raw-cublas", "cupy-matmul"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", FUSED_NETS)
+def test_fused_backprop_matches_numpy(gpu, ref, monkeypatch, case, activation, dtype, raw_cublas):
+    """The fused path is taken, and its loss, dWs and dbs (kernel level) and net.gradient (weight decay
+    added by nets) match NumPy to 1e-10 (float64) / 1e-5 (float32) relative; repeat calls are bit-identical."""
+    monkeypatch.setattr(gpu.kernels, "_FUSED_BACKPROP", True)
+    monkeypatch.setattr(gpu.kernels, "_RAW_CUBLAS", raw_cublas)
+    make, batch = FUSED_NETS[case]
+    net, net_ref = make(activation, gpu.name, dtype), make(activation, "numpy", dtype)
+    x, t, x_d, t_d = device_inputs(gpu, net, dtype, batch)
+    args = kernel_args(net, x_d, t_d)
+    assert gpu.kernels._FUSED_BACKPROP and gpu.kernels._backprop.fusable(*args, activation), "not the fused path"
+    rel, context = REL[dtype], f"{case}/{activation}/{dtype}/{'raw' if raw_cublas else 'matmul'}"
+    loss, dWs, dbs = gpu.kernels.network_gradient(*args, activation, net.alpha)
+    ref_args = kernel_args(net_ref, x, t.astype(np.int64))
+    want_loss, want_dWs, want_dbs = ref.kernels.network_gradient(*ref_args, activation, net.alpha)
+    assert loss.shape == () and isinstance(loss, gpu.xp.ndarray), "the loss stays on the device as a 0-d array"
+    assert_matches(gpu, loss, want_loss, rel=rel, context=f"{context} loss")
+    for m, (got_W, want_W, got_b, want_b) in enumerate(zip(dWs, want_dWs, dbs, want_dbs, strict=True), start=1):
+        assert_matches(gpu, got_W, want_W, rel=rel, context=f"{context} dW{m}")
+        assert_matches(gpu, got_b, want_b, rel=rel, context=f"{context} db{m}")
+    again = gpu.kernels.network_gradient(*args, activation, net.alpha)
+    assert np.array_equal(to_numpy(again[0]), to_numpy(loss)), f"{context}: loss changed between calls"
+    for name, first, second in zip(("dW", "db"), (dWs, dbs), (again[1], again[2]), strict=True):
+        for m, (a, b) in enumerate(zip(first, second, strict=True), start=1):
+            assert np.array_equal(to_numpy(a), to_numpy(b)), f"{context}: {name}{m} changed between calls"
+    grads, want_grads = net.gradient(x_d, t_d), net_ref.gradient(x, t)
+    for name in net_ref.params:
+        assert_matches(gpu, grads[name], want_grads[name], rel=rel, context=f"{context} net.gradient d{name}")
+    assert_same_bits(grads, net.gradient(x_d, t_d), f"{context} net.gradient")
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_generic_backprop_still_matches_numpy(gpu, ref, monkeypatch, activation):
+    """_FUSED_BACKPROP = False (the lead's one-line switch) gives the generic path, which must stay correct."""
+    monkeypatch.setattr(gpu.kernels, "_FUSED_BACKPROP", False)
+    make, batch = FUSED_NETS["deep-decay-wide"]
+    net, net_ref = make(activation, gpu.name, "float64"), make(activation, "numpy", "float64")
+    x, t, x_d, t_d = device_inputs(gpu, net, "float64", batch)
+    grads, want = net.gradient(x_d, t_d), net_ref.gradient(x, t)
+    for name in net_ref.params:
+        assert_matches(gpu, grads[name], want[name], context=f"generic {activation} d{name}")
+
+
+def test_backprop_off_the_fused_path_matches_numpy(gpu, ref):
+    """Inputs the fused kernels do not take (a user-defined Activation; F-ordered x; int32 labels at the
+    kernel level) go to the generic implementation and give the NumPy numbers."""
+    from kernels.activations import Activation
+
+    softplus = Activation(
+        "softplus", forward=lambda v: np.logaddexp(0.0, v), derivative=lambda v: 1.0 / (1.0 + np.exp(-v))
+    )
+    net = TwoLayerNet(12, 9, 5, activation=softplus, weight_init_std=0.5, seed=3, backend=gpu.name)
+    net_ref = TwoLayerNet(12, 9, 5, activation=softplus, weight_init_std=0.5, seed=3, backend="numpy")
+    x, t, x_d, t_d = device_inputs(gpu, net, "float64", 11)
+    assert not gpu.kernels._backprop.fusable(*kernel_args(net, x_d, t_d), softplus)
+    grads, want = net.gradient(x_d, t_d), net_ref.gradient(x, t)
+    for name in want:
+        assert_matches(gpu, grads[name], want[name], context=f"softplus d{name}")
+    net, net_ref = NETS["two-layer"]("tanh", gpu.name, "float64"), NETS["two-layer"]("tanh", "numpy", "float64")
+    x, t, x_d, t_d = device_inputs(gpu, net, "float64", 11)
+    fortran_x = gpu.xp.asfortranarray(x_d)
+    assert not gpu.kernels._backprop.fusable(*kernel_args(net, fortran_x, t_d), "tanh")
+    assert not gpu.kernels._backprop.fusable(*kernel_args(net, x_d, t_d.astype(np.int32)), "tanh")
+    _, dWs, _ = gpu.kernels.network_gradient(*kernel_args(net, fortran_x, t_d), "tanh", net.alpha)
+    want = net_ref.gradient(x, t)
+    assert_matches(gpu, dWs[0], want["W1"], context="F-ordered x dW1")
+
+
+def test_backprop_does_not_synchronize(gpu):
+    """net.gradient on device inputs seen before (their checks are remembered) queues its work without
+    waiting for the device: no host round trip in a training step."""
+    cupyx = pytest.importorskip("cupyx")
+    allow_synchronize = getattr(cupyx, "allow_synchronize", None)
+    if allow_synchronize is None:
+        pytest.skip("this cupy has no cupyx.allow_synchronize to detect host synchronization with")
+    for make, batch in FUSED_NETS.values():
+        net = make("relu", gpu.name, "float64")
+        _, _, x_d, t_d = device_inputs(gpu, net, "float64", batch)
+        net.gradient(x_d, t_d)  # the first look at x_d and t_d validates them (one read back each)
+        gpu.synchronize()
+        with allow_synchronize(False):
+            grads = net.gradient(x_d, t_d)
+        gpu.synchronize()
+        assert all(np.isfinite(to_numpy(g)).all() for g in grads.values())
