@@ -13,7 +13,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench.common import PROFILES, SEED_BATCH, SEED_N_PARAMS, SEED_SIZES, assert_same_computation, describe, measure
+from bench.common import (
+    PROFILES,
+    SEED_BATCH,
+    SEED_N_PARAMS,
+    SEED_SIZES,
+    assert_same_computation,
+    describe,
+    flops_record,
+    measure,
+)
 from nets import TwoLayerNet
 
 NET_DTYPES = ("float64", "float32")
@@ -96,7 +105,7 @@ def test_kernel(benchmark, backend, reference, kernel, dtype, data, profile):
         n_params=SEED_N_PARAMS,
         batch=SEED_BATCH,
         dtype=dtype,
-        data=batch.source,
+        data=batch,
         profile=profile,
     )
     measure(benchmark, backend, call, check, profile, args=(backend.kernels, arrays))
@@ -127,7 +136,8 @@ def test_net_pass(benchmark, backend, reference, method, dtype, data, profile):
         n_params=SEED_N_PARAMS,
         batch=SEED_BATCH,
         dtype=dtype,
-        data=batch.source,
+        data=batch,
         profile=profile,
+        **flops_record(method, twin, batch.x),
     )
     measure(benchmark, backend, compute, check, profile, args=(x, t))

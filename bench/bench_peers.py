@@ -1,9 +1,12 @@
 """Peers: the textbook's layered implementation (the baseline) and torch (autograd, gradcheck).
 
 Same net, weights and batch as the gap group (784-50-10 sigmoid, batch 100, float64), on the
-host. The textbook naive numerical gradient and torch.autograd.gradcheck are timed over every
-parameter in the full profile; the quick profile times them on part of the parameters and scales
-to all 39,760 (extra_info: estimate, scaled_from). torch is optional (the `peers` extra).
+host. The textbook naive numerical gradient is timed over every parameter where the profile times
+gradgap's naive loop over every parameter (standard, full), else on the very sample gradgap's
+naive loop is timed on (the same seeded draw: extra_info sample_digest matches the gap group's),
+so the two loops are compared on the same parameters in the same run. torch.autograd.gradcheck
+runs over every parameter in the full profile, else over b1, W2 and b2 with W1 fixed, scaled to
+all 39,760 (extra_info: estimate, scaled_from, estimate_how). torch is optional (`peers` extra).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from bench.common import (
     assert_close,
     assert_same_computation,
     describe,
+    flops_record,
     mark_estimate,
     measure,
     sample_parameters,
@@ -65,7 +69,7 @@ def test_textbook(benchmark, reference, method, data, profile):
         def check(got):
             assert_close(got, want, rtol=TEXTBOOK_RTOL, atol=NUMERICAL_ATOL, context="textbook naive vs backprop")
     else:
-        sample = sample_parameters({name: p.shape for name, p in textbook.params.items()}, profile.naive_sample)
+        sample = sample_parameters({name: p.shape for name, p in textbook.params.items()}, profile.naive_sample, seed=0)
         n_sampled = len(sample)
         compute = partial(textbook.numerical_gradient_at, batch.x, onehot, sample)
 
@@ -88,13 +92,14 @@ def test_textbook(benchmark, reference, method, data, profile):
         n_params=SEED_N_PARAMS,
         batch=SEED_BATCH,
         dtype="float64",
-        data=batch.source,
+        data=batch,
         profile=profile,
         log_epsilon=LOG_EPSILON,
+        **flops_record(method, twin, batch.x),
     )
     if n_sampled is not None:
-        mark_estimate(benchmark, n_sampled, SEED_N_PARAMS)
-    measure(benchmark, reference, compute, check, profile)
+        mark_estimate(benchmark, n_sampled, SEED_N_PARAMS, sample=sample)
+    measure(benchmark, reference, compute, check, profile, slow=method == "naive" and n_sampled is None)
 
 
 @pytest.mark.parametrize("method", ["autograd", "gradcheck"])
@@ -123,7 +128,7 @@ def test_torch(benchmark, reference, method, data, profile):
         compute()  # torch's first call sets up its thread pool and allocator: keep it out of the sizing call
     else:
         assert_same_computation(float(loss(**params)), twin.loss(batch.x, batch.t), "float64", "torch loss")
-        names = GRADCHECK_SAMPLE if profile.naive_sample is not None else tuple(params)
+        names = tuple(params) if profile.gradcheck_all else GRADCHECK_SAMPLE
         inputs = tuple(params[name].requires_grad_() for name in names)
         fixed = {name: p for name, p in params.items() if name not in names}
         n_sampled = sum(p.numel() for p in inputs) if len(names) < len(params) else None
@@ -146,11 +151,16 @@ def test_torch(benchmark, reference, method, data, profile):
         n_params=SEED_N_PARAMS,
         batch=SEED_BATCH,
         dtype="float64",
-        data=batch.source,
+        data=batch,
         profile=profile,
         threads=torch.get_num_threads(),
         torch_version=torch.__version__,
     )
     if n_sampled is not None:
-        mark_estimate(benchmark, n_sampled, SEED_N_PARAMS)
-    measure(benchmark, reference, compute, check, profile)
+        how = (
+            f"torch.autograd.gradcheck over {', '.join(names)} ({n_sampled:,} parameters, W1 held fixed), scaled "
+            f"by {SEED_N_PARAMS / n_sampled:,.1f} to all {SEED_N_PARAMS:,}: gradcheck perturbs each input element "
+            "with two forward passes, so its time grows with the parameters it covers"
+        )
+        mark_estimate(benchmark, n_sampled, SEED_N_PARAMS, how=how)
+    measure(benchmark, reference, compute, check, profile, slow=method == "gradcheck" and n_sampled is None)

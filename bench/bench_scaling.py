@@ -2,13 +2,17 @@
 
 batch: TwoLayerNet(784, 50, 10) on the first B images; forward and backprop in float64 and
 float32 up to 10,000, the numerical methods in float64. hidden: TwoLayerNet(784, H, 10), B = 100.
-depth: MultiLayerNet(784, [100] * d, 10) (relu, He init), B = 100. The naive method is timed on a
-sample of parameters and scaled (extra_info: estimate); each group is one method over one sweep.
+depth: MultiLayerNet(784, [100] * d, 10) (relu, He init), B = 100: backprop, naive, incremental
+and series each over the profile's depths, so that the report can fit each one's slope. The naive
+method is timed on a sample of parameters with the library's own loop and scaled (extra_info:
+estimate, estimate_how); each group is one method over one sweep. Records carry extra_info["flops"].
 """
 
 from __future__ import annotations
 
 from functools import partial
+
+import pytest
 
 from bench.common import (
     PROFILES,
@@ -17,12 +21,13 @@ from bench.common import (
     GradientCase,
     assert_same_computation,
     describe,
+    library_methods,
     mark_estimate,
     measure,
 )
 from nets import MultiLayerNet, TwoLayerNet
 
-NUMERICAL = ("naive", "incremental")
+NUMERICAL = ("naive", "incremental", "series")
 
 
 def sweep_cases(profile) -> list[tuple[str, int, str, str]]:
@@ -34,6 +39,7 @@ def sweep_cases(profile) -> list[tuple[str, int, str, str]]:
     cases += [("hidden", h, method, "float64") for method in ("backprop", *NUMERICAL) for h in profile.hidden_sizes]
     cases += [("depth", d, method, "float64") for method in ("backprop", "naive") for d in profile.depths]
     cases += [("depth", d, "incremental", "float64") for d in profile.incremental_depths]
+    cases += [("depth", d, "series", "float64") for d in profile.series_depths]
     return cases
 
 
@@ -53,17 +59,20 @@ def make_net(sweep: str, value: int, dtype: str, backend_name: str):
 
 
 def test_scaling(benchmark, backend, reference, sweep, value, method, dtype, data, profile):
+    if method in NUMERICAL and method not in library_methods():
+        pytest.skip(f"method {method!r} is not in this version of nets (it offers {', '.join(library_methods())})")
     batch = data.first(value if sweep == "batch" else SEED_BATCH)
-    case = GradientCase(backend, reference, batch, partial(make_net, sweep, value, dtype), dtype=dtype)
+    net_of = partial(make_net, sweep, value, dtype)
+    case = GradientCase(backend, reference, batch, net_of, dtype=dtype, check_sample=profile.check_sample)
     if method == "forward":
         want = case.twin.loss(case.rx, case.rt)
         compute = partial(case.net.loss, case.x, case.t)
-        n_sampled = None
+        sample = None
 
         def check(got):
             assert_same_computation(got, want, dtype, f"{case.context} forward")
     else:
-        compute, check, n_sampled = case.gradient(method, profile.scaling_naive_sample)
+        compute, check, sample = case.gradient(method, profile.scaling_naive_sample)
     describe(
         benchmark,
         suite="scaling",
@@ -79,7 +88,8 @@ def test_scaling(benchmark, backend, reference, sweep, value, method, dtype, dat
         activation=case.net.activation,
         sweep=sweep,
         x=value,
+        **case.flops(method),
     )
-    if n_sampled is not None:
-        mark_estimate(benchmark, n_sampled, case.n_params)
+    if sample is not None:
+        mark_estimate(benchmark, len(sample), case.n_params, sample=sample)
     measure(benchmark, backend, compute, check, profile)

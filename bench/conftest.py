@@ -1,4 +1,9 @@
-"""Fixtures and options of the benchmark suite: --gap-profile, backends, data, machine info."""
+"""Fixtures of the benchmark suite: warmed-up backends, the data, the NumPy reference, machine info.
+
+The options (--gap-profile, --require-backend) and the plain backend fixture are bench/plugin.py's,
+shared with tests/. Without pytest-benchmark (a dev-only install) the benchmark modules are not
+collected: they need its ``benchmark`` fixture.
+"""
 
 from __future__ import annotations
 
@@ -11,29 +16,17 @@ import subprocess
 
 import pytest
 
-from backends import BACKEND_NAMES, BackendError, get_backend
+from backends import get_backend
 from bench.common import LARGEST_BATCH, PROFILES, Batch, Profile, blas_threads, load_data, warm_up
 
+if importlib.util.find_spec("pytest_benchmark") is None:
+    collect_ignore_glob = ["bench_*.py"]
+
 _WARMED: set[str] = set()  # backends whose code paths have run once this session (see warm_up)
+_LOADED: dict[str, Batch] = {}  # the session's data, for machine_info
 # Thread settings as the session started (imported libraries, dask for one, set some of them later).
 _THREAD_VARS = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GRADGAP_BACKEND")
 STARTING_ENV = {name: os.environ[name] for name in _THREAD_VARS if name in os.environ}
-
-
-def pytest_addoption(parser):
-    parser.addoption(
-        "--gap-profile",
-        choices=sorted(PROFILES),
-        default="quick",
-        help="benchmark profile: quick (default; the naive method timed on a sample of parameters and scaled) "
-        "or full (the naive method over every parameter, few rounds)",
-    )
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "backend=cupy" in item.nodeid:
-            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture(scope="session")
@@ -41,19 +34,9 @@ def profile(request) -> Profile:
     return PROFILES[request.config.getoption("--gap-profile")]
 
 
-@pytest.fixture(params=BACKEND_NAMES, ids=[f"backend={n}" for n in BACKEND_NAMES])
-def backend(request):
-    """Every backend, warmed up once per session; one that cannot be created here is skipped with the reason.
-
-    ``--require-backend NAME`` (defined by tests/conftest.py) turns that skip into a failure.
-    """
-    try:
-        backend = get_backend(request.param)
-    except (BackendError, ImportError) as err:
-        required = request.config.getoption("--require-backend", default=None) or []
-        if request.param in required:
-            raise
-        pytest.skip(f"{request.param} backend unavailable: {err}")
+@pytest.fixture
+def backend(backend):
+    """The plugin's backend (every backend, honest skips), warmed up once per session (see warm_up)."""
     if backend.name not in _WARMED:
         warm_up(backend)
         _WARMED.add(backend.name)
@@ -62,8 +45,10 @@ def backend(request):
 
 @pytest.fixture(scope="session")
 def data() -> Batch:
-    """Up to LARGEST_BATCH samples: real MNIST when its files are found, else synthetic (see load_data)."""
-    return load_data(LARGEST_BATCH)
+    """Up to LARGEST_BATCH samples: MNIST (found or downloaded), else synthetic with the reason (load_data)."""
+    batch = load_data(LARGEST_BATCH)
+    _LOADED["data"] = batch
+    return batch
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +57,11 @@ def reference():
     return get_backend("numpy")
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["gradgap"] = machine_details(config.getoption("--gap-profile"))
+    if "data" in _LOADED:
+        machine_info["gradgap"]["data"] = _LOADED["data"].info()
 
 
 def machine_details(profile_name: str) -> dict:

@@ -1,79 +1,20 @@
-"""Shared fixtures: a backend fixture over every backend (honest skips), MNIST location."""
+"""Fixtures of the tests. The options (--require-backend, --gap-profile) and the backend,
+other_backend and mnist_dir fixtures come from bench/plugin.py, shared with the benchmarks;
+the helpers below are re-exported from bench/common.py for the test modules that import them."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from backends import BACKEND_NAMES, BackendNotInstalledError, NoCudaDeviceError, get_backend, to_numpy
+from bench.common import SHARED_MNIST, assert_gradients_close
+from bench.plugin import make_backend
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
-
-def pytest_addoption(parser):
-    parser.addoption(
-        "--require-backend",
-        action="append",
-        default=[],
-        help="backend that must be available: its absence fails instead of skipping (repeatable)",
-    )
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "backend=cupy" in item.nodeid:
-            item.add_marker(pytest.mark.gpu)
-
-
-def make_backend(request, name):
-    try:
-        return get_backend(name)
-    except (BackendNotInstalledError, NoCudaDeviceError) as err:
-        if name in request.config.getoption("--require-backend"):
-            raise
-        pytest.skip(f"{name} backend unavailable: {err}")
-
-
-@pytest.fixture(params=BACKEND_NAMES, ids=[f"backend={n}" for n in BACKEND_NAMES])
-def backend(request):
-    """Every backend; numba/cupy skipped with the reason where not installed or no GPU."""
-    return make_backend(request, request.param)
-
-
-@pytest.fixture(params=[n for n in BACKEND_NAMES if n != "numpy"], ids=[f"backend={n}" for n in BACKEND_NAMES[1:]])
-def other_backend(request):
-    """Every backend except the numpy reference."""
-    return make_backend(request, request.param)
-
-
-@pytest.fixture(scope="session")
-def mnist_dir() -> Path:
-    """Directory with the four canonical MNIST .gz files: GRADGAP_DATA_DIR, else ../shared/data/mnist."""
-    env = os.environ.get("GRADGAP_DATA_DIR")
-    for candidate in ([Path(env)] if env else []) + [SHARED_MNIST]:
-        if (candidate / "train-images-idx3-ubyte.gz").exists():
-            return candidate
-    pytest.skip(f"MNIST files not found (set GRADGAP_DATA_DIR or provide {SHARED_MNIST})")
-
-
-def assert_gradients_close(numeric, reference, *, rtol=0.0, atol=1e-9, context="") -> None:
-    """Every array of ``numeric`` matches ``reference`` (same keys and shapes); names the worst element."""
-    problems = []
-    assert set(numeric) == set(reference), f"{context}: keys {sorted(numeric)} vs {sorted(reference)}"
-    for name, want in reference.items():
-        got, want = to_numpy(numeric[name]).astype(np.float64), to_numpy(want).astype(np.float64)
-        if got.shape != want.shape:
-            problems.append(f"{name}: shape {got.shape}, expected {want.shape}")
-        elif not np.allclose(got, want, rtol=rtol, atol=atol):
-            i = np.unravel_index(np.argmax(np.abs(got - want)), want.shape)
-            problems.append(
-                f"{name}{list(i)}: {got[i]:.6e} vs reference {want[i]:.6e} (|diff| {abs(got[i] - want[i]):.2e})"
-            )
-    assert not problems, f"{context}: gradients differ (rtol={rtol}, atol={atol})\n  " + "\n  ".join(problems)
+__all__ = ["REPO", "SHARED_MNIST", "assert_gradients_close", "make_backend"]
 
 
 @pytest.fixture(scope="session")
