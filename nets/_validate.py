@@ -1,8 +1,23 @@
-"""Input checks done once at the public boundary: what was wrong, and what was expected."""
+"""Input checks done once at the public boundary: what was wrong, and what was expected.
+
+Host inputs (numpy arrays, lists) are checked on the host before they are copied to a device.
+Inputs that already live on a device (an array of a backend whose xp is not numpy) are checked
+there, by reductions whose few result numbers are the only thing copied back. Reading those
+numbers waits for the device: an out-of-range label must raise *before* a kernel indexes with it
+(the CuPy kernels read ``scores[labels[r]]`` unchecked, so a bad label reads outside the array),
+and a check cannot raise before its result exists, so a first look at a device array always
+costs one synchronisation. What can be avoided is repeating it: the verdict on a device input
+(x, t) is remembered for as long as that very array object lives, so a training step or a
+benchmark that passes the same batch to gradient(), loss() and gradient() again synchronises
+once, not on every call, and a step does no host round trip of its data. The price, stated
+here: writing NaN or a bad label into a device array *in place* after it was validated is not
+noticed. Parameters, which optimizers change in place, are never remembered.
+"""
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -12,6 +27,34 @@ from backends import Backend, to_numpy
 Array = Any
 FLOAT_DTYPES = ("float32", "float64")
 _FLOATS = (np.dtype("float32"), np.dtype("float64"))
+
+
+class _DeviceVerdicts:
+    """Device arrays that passed a check, by identity, for as long as each array lives (weak refs)."""
+
+    def __init__(self) -> None:
+        self._passed: dict[int, tuple[weakref.ref, tuple[Any, ...]]] = {}
+
+    def passed(self, a: Array, check: tuple[Any, ...]) -> bool:
+        entry = self._passed.get(id(a))
+        return entry is not None and entry[0]() is a and entry[1] == check
+
+    def remember(self, a: Array, check: tuple[Any, ...]) -> None:
+        key = id(a)
+
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            if self._passed.get(key, (None,))[0] is ref:
+                del self._passed[key]
+
+        self._passed[key] = (weakref.ref(a, forget), check)
+
+
+_device_verdicts = _DeviceVerdicts()
+
+
+def _on_device(backend: Backend, a: Any) -> bool:
+    """Whether ``a`` is an array of a device backend (reading its values waits for the device)."""
+    return backend.xp is not np and isinstance(a, backend.xp.ndarray)
 
 
 def check_dtype(dtype: Any) -> np.dtype:
@@ -39,26 +82,38 @@ def check_features(backend: Backend, x: Any, input_size: int, dtype: np.dtype) -
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, {input_size}) to match the input layer")
     if x.shape[0] == 0:
         raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}); need at least one sample")
-    x = backend.asarray(x)
-    check_finite(backend, x, "x")
-    return x
+    if _on_device(backend, x):
+        if not _device_verdicts.passed(x, ("finite",)):
+            check_finite(backend, x, "x")
+            _device_verdicts.remember(x, ("finite",))
+        return x
+    host = np.asarray(x)  # what backend.asarray would make of it on a numpy backend (subclasses dropped)
+    check_finite(backend, host, "x")  # on the host, before the copy to the backend
+    return backend.asarray(host)
 
 
 def check_finite(backend: Backend, a: Array, name: str) -> None:
-    """ValueError if ``a`` holds NaN or Inf (one reduction; a full scan only when that is not finite)."""
+    """ValueError if ``a`` holds NaN or Inf (one reduction; a full scan only when that is not finite).
+
+    ``a`` is checked where it lives: numpy arrays on the host, device arrays on the device.
+    """
+    xp = backend.xp if _on_device(backend, a) else np
     flat = a.reshape(-1)
     with np.errstate(over="ignore"):  # squares of finite values can overflow: then the full check decides
-        total = float(backend.xp.dot(flat, flat))  # one BLAS pass: NaN and Inf propagate
-    if not math.isfinite(total) and not bool(backend.xp.isfinite(a).all()):
-        bad = int((~backend.xp.isfinite(a)).sum())
+        total = float(xp.dot(flat, flat))  # one BLAS pass: NaN and Inf propagate
+    if not math.isfinite(total) and not bool(xp.isfinite(a).all()):
+        bad = int((~xp.isfinite(a)).sum())
         raise ValueError(f"{name} contains {bad} NaN or Inf value(s); inputs must be finite")
 
 
 def check_targets(backend: Backend, t: Any, batch: int, n_classes: int) -> Array:
-    """Integer labels (batch,) in [0, n_classes) on the backend, from labels or one-hot rows.
+    """Integer labels (batch,) int64 in [0, n_classes) on the backend, from labels or one-hot rows (batch, C).
 
-    Validated on the host, so no backend ever sees an out-of-range index.
+    Validated before any kernel sees them, so no backend ever gets an out-of-range index: host
+    input on the host (then copied once), device input on the device (see the module docstring).
     """
+    if _on_device(backend, t):
+        return _device_targets(backend, t, batch, n_classes)
     host = to_numpy(t)
     if host.ndim == 2:
         if host.shape != (batch, n_classes):
@@ -81,6 +136,42 @@ def check_targets(backend: Backend, t: Any, batch: int, n_classes: int) -> Array
             f"labels must be integers in [0, {n_classes}); got min {host.min()}, max {host.max()}, dtype {host.dtype}"
         )
     return backend.asarray(host.astype(np.int64, copy=False))
+
+
+def _device_targets(backend: Backend, t: Array, batch: int, n_classes: int) -> Array:
+    """check_targets for a device array: shape and dtype from its metadata, values by device reductions.
+
+    The same checks and messages as on the host; the values behind a message are fetched only to
+    write it. A passing verdict is remembered for this array object (one sync in its lifetime).
+    """
+    xp = backend.xp
+    check = ("targets", batch, n_classes)
+    known = _device_verdicts.passed(t, check)
+    if t.ndim == 2:
+        if tuple(t.shape) != (batch, n_classes):
+            raise ValueError(f"one-hot t has shape {tuple(t.shape)}; expected ({batch}, {n_classes})")
+        if t.dtype == np.bool_ or t.dtype.kind not in "iuf":
+            raise TypeError(f"one-hot t must be numeric 0/1; got dtype {t.dtype}")
+        hot = t == 1
+        if not known:
+            row_ok = ((t == 0) | hot).all(axis=1) & (hot.sum(axis=1) == 1)
+            if not bool(row_ok.all()):  # the one value read back
+                rows = to_numpy(xp.flatnonzero(~row_ok)[:5])
+                raise ValueError(f"t is 2-D but not one-hot: rows {rows.tolist()} are not a single 1 among 0s")
+            _device_verdicts.remember(t, check)
+        return hot.argmax(axis=1).astype(np.int64)
+    if t.ndim != 1:
+        raise ValueError(f"t must be labels (batch,) or one-hot (batch, {n_classes}); got shape {tuple(t.shape)}")
+    if t.dtype == np.bool_ or t.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers in [0, {n_classes}); got dtype {t.dtype}")
+    if t.shape[0] != batch:
+        raise ValueError(f"t has {t.shape[0]} labels but x has {batch} samples")
+    if not known and t.size:
+        low, high = to_numpy(xp.stack([t.min(), t.max()])).tolist()  # two numbers read back
+        if low < 0 or high >= n_classes:
+            raise ValueError(f"labels must be integers in [0, {n_classes}); got min {low}, max {high}, dtype {t.dtype}")
+        _device_verdicts.remember(t, check)
+    return t.astype(np.int64, copy=False)
 
 
 def check_step(h: Any) -> float:

@@ -3,8 +3,8 @@
 SGD(0.01), Momentum(0.01, 0.9), AdaGrad(0.01), RMSprop(0.01, 0.99) and Adam(0.001) each train
 a MultiLayerNet 784-100-100-100-100-10 (relu, He init, the same initial weights) for 2,000
 iterations of 128 samples, all on the SAME batches. Prints the batch loss every 100 iterations
-and a markdown table of final losses; writes losses.json and losses.png (smoothed curves) into
---out (default runs/optimizers-<timestamp>).
+and a markdown table of final losses; writes losses.json and, when matplotlib is installed,
+losses.png (smoothed curves) into --out (default runs/optimizers-<timestamp>).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from backends import BackendError, get_backend
-from nets.data import MnistDataError
+from nets.data import MnistDataError, atomic_file
+from nets.markdown import markdown_table
 from nets.networks import MultiLayerNet
 from nets.optimizers import get_optimizer
-from nets.train import Progress, atomic_write, load_mnist_on, new_run_dir, write_json
+from nets.progress import Progress
+from nets.train import have_matplotlib, load_mnist_on, new_run_dir, skipped_chart_line, write_json
 
 # label: (optimizer name, learning rate), the textbook's settings
 BOOK_OPTIMIZERS: dict[str, tuple[str, float]] = {
@@ -58,17 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    rows = ["| optimizer | lr | final loss | mean loss, last 100 | test acc |", "|---|---|---|---|---|"]
-    for label, r in results.items():
-        rows.append(
-            f"| {label} | {r['lr']:g} | {r['final_loss']:.4f} | {r['mean_last_100']:.4f} | {r['test_acc']:.4f} |"
-        )
-    return "\n".join(rows)
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """The final losses and test accuracy of each optimizer, as a markdown table."""
+    header = ["optimizer", "lr", "final loss", "mean loss, last 100", "test acc"]
+    rows = [
+        [label, f"{r['lr']:g}", f"{r['final_loss']:.4f}", f"{r['mean_last_100']:.4f}", f"{r['test_acc']:.4f}"]
+        for label, r in results.items()
+    ]
+    return markdown_table(header, rows)
 
 
 def plot_losses(path: Path, results: dict[str, dict[str, Any]], iters: int) -> None:
-    """Smoothed loss per iteration, one line per optimizer, markers every 100 iterations."""
+    """Smoothed loss per iteration, one line per optimizer, markers every 100 iterations. Needs matplotlib."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5), layout="constrained")
@@ -77,7 +80,8 @@ def plot_losses(path: Path, results: dict[str, dict[str, Any]], iters: int) -> N
         ax.plot(np.arange(iters), smooth_curve(r["loss"]), marker=marker, markevery=100, label=label)
     ax.set(xlabel="iterations", ylabel="loss (smoothed)", ylim=(0, 1), title="optimizers on MNIST, same batches")
     ax.legend()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     losses: dict[str, list[float]] = {label: [] for label in BOOK_OPTIMIZERS}
     rng = np.random.default_rng(args.seed)
     train_size = int(x_train.shape[0])
-    progress = Progress(not args.no_progress, args.iters, 0, f"5 optimizers on {backend.name}")
+    progress = Progress(not args.no_progress, args.iters, f"5 optimizers on {backend.name}")
     started = time.perf_counter()
     for i in range(args.iters):
         batch_mask = backend.asarray(rng.choice(train_size, args.batch_size))  # one batch for every optimizer
@@ -108,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             optimizers[label].update(net.params, net.gradient(x_batch, t_batch))
             losses[label].append(net.loss(x_batch, t_batch))
         if i % 100 == 0:
-            progress.line(f"iteration {i}: " + ", ".join(f"{label} {v[-1]:.4f}" for label, v in losses.items()))
-        progress.advance(losses["Adam"][-1])
+            progress.write(f"iteration {i}: " + ", ".join(f"{label} {v[-1]:.4f}" for label, v in losses.items()))
+        progress.postfix(loss=f"{losses['Adam'][-1]:.4f}")
+        progress.update()
     progress.close()
     backend.synchronize()
     wall = time.perf_counter() - started
@@ -134,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         "backend": backend.name,
     }
     write_json(out_dir / "losses.json", {"config": config, "wall_time_s": wall, "optimizers": results})
-    plot_losses(out_dir / "losses.png", results, args.iters)
+    written = ["losses.json"]
+    if have_matplotlib():
+        plot_losses(out_dir / "losses.png", results, args.iters)
+        written.append("losses.png")
     print()
-    print(markdown_table(results))
+    print(results_table(results))
+    print()
+    if "losses.png" not in written:
+        print(skipped_chart_line("losses.png"))
     print(
-        f"\n{args.iters} iterations x 5 optimizers in {wall:.1f} s on {backend.name}; wrote losses.json and "
-        f"losses.png in {out_dir}"
+        f"{args.iters} iterations x 5 optimizers in {wall:.1f} s on {backend.name}; wrote {' and '.join(written)} "
+        f"in {out_dir}"
     )
     return 0
 

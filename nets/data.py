@@ -18,7 +18,6 @@ import hashlib
 import http.client
 import logging
 import os
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from nets.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -215,37 +216,51 @@ def _download_one(url: str, spec: MnistFile, directory: Path, progress: bool) ->
     The temporary file is removed whatever happens unless it was renamed.
     """
     final = directory / spec.name
+    writing = False
     try:
-        handle, temp_name = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".part", dir=directory)
-    except OSError as err:
-        raise MnistDataError(
-            f"cannot write into {directory} ({err.strerror}); set GRADGAP_DATA_DIR to a writable directory"
-        ) from err
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            digest, received = _stream(url, spec, out, temp, progress)
+        with atomic_file(final, suffix=".part") as out:
+            writing = True
+            digest, received = _stream(url, spec, out, Path(out.name), progress)
             if received != spec.size or digest != spec.sha256:
                 raise _MirrorFailed(
                     f"got {received} bytes with sha256 {digest}; expected {spec.size} bytes "
                     f"with sha256 {spec.sha256} (a different or damaged file)"
                 )
-            try:
-                out.flush()
-                os.fsync(out.fileno())
-            except OSError as err:
-                raise _local_write_error(err, temp, spec) from err
-        try:
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(temp, 0o666 & ~mask)  # mkstemp makes 0600; the cached file gets the usual permissions
-            os.replace(temp, final)
-        except OSError as err:
-            raise _local_write_error(err, final, spec) from err
-        return final
+    except OSError as err:  # creating the temp file, or flushing, syncing and renaming it
+        if not writing:
+            raise MnistDataError(
+                f"cannot write into {directory} ({err.strerror}); set GRADGAP_DATA_DIR to a writable directory"
+            ) from err
+        raise _local_write_error(err, final, spec) from err
+    return final
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO[Any]]:
+    """A file to write ``path`` through: a uniquely named temp file next to it (its name in ``.name``).
+
+    When the block ends normally the file is flushed, fsynced, given the usual permissions and
+    renamed over ``path`` (os.replace, atomic); when it raises, the temp file is removed and
+    ``path`` is untouched. A reader never sees a half-written ``path``.
+    """
+    out = tempfile.NamedTemporaryFile(mode, prefix=f".{path.name}.", suffix=suffix, dir=path.parent, delete=False)
+    temp = Path(out.name)
+    try:
+        with out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # the temp file is 0600; the final one gets the usual permissions
+        os.replace(temp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _local_write_error(err: OSError, path: Path, spec: MnistFile) -> MnistDataError:
@@ -264,7 +279,7 @@ def _stream(url: str, spec: MnistFile, out: IO[bytes], temp: Path, progress: boo
     try:
         with (
             urllib.request.urlopen(request, timeout=TIMEOUT_S) as response,
-            _progress(progress, spec.size, spec.name) as advance,
+            Progress(progress, spec.size, spec.name, unit="B", unit_scale=True) as bar,
         ):
             declared = response.headers.get("Content-Length")
             while True:
@@ -279,8 +294,7 @@ def _stream(url: str, spec: MnistFile, out: IO[bytes], temp: Path, progress: boo
                     _write_chunk(out, chunk)
                 except OSError as err:
                     raise _local_write_error(err, temp, spec) from err
-                if advance is not None:
-                    advance(len(chunk))
+                bar.update(len(chunk))
     except urllib.error.HTTPError as err:
         raise _MirrorFailed(f"HTTP {err.code} {err.reason}") from err
     except urllib.error.URLError as err:
@@ -290,17 +304,6 @@ def _stream(url: str, spec: MnistFile, out: IO[bytes], temp: Path, progress: boo
     if declared is not None and declared.isdigit() and received != int(declared):
         raise _MirrorFailed(f"the connection closed after {received} of {declared} bytes (interrupted download)")
     return sha.hexdigest(), received
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, name: str) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, desc=name, unit="B", unit_scale=True, file=sys.stderr) as bar:
-        yield bar.update
 
 
 def _sha256_of(path: Path) -> str:

@@ -1,15 +1,19 @@
 """python -m nets.train: the textbook's MNIST training run on any backend, with any gradient method.
 
 Default (--preset seed000): TwoLayerNet 784-50-10 (sigmoid, weights 0.01 * N(0, 1)), SGD lr 0.1,
-batches of 100 drawn with replacement, 10,000 iterations; after the update of every 600th
-iteration (one epoch, iteration 0 included) it prints "train acc, test acc | a, b" on the full
-train and test sets. --preset mlp: MultiLayerNet 784-200-200-10 (relu, He init), SGD lr 0.01,
-batch 200, 3,000 iterations (10 epochs of 300).
+inputs pixel / 255, batches of 100 drawn with replacement, 10,000 iterations; after the update of
+every 600th iteration (one epoch, iteration 0 included) it prints "train acc, test acc | a, b" on
+the full train and test sets.
+
+--preset mlp (seed 003): MultiLayerNet 784-200-200-10 (relu; kaiming-normal weights N(0, 2 / fan_in),
+biases 0), inputs (pixel / 255 - 0.01307) / 0.3081 (the seed's own constants), SGD lr 0.01, batch
+200, 10 epochs of 300 iterations, each epoch one fresh shuffle of the training set; the accuracies
+are printed after each epoch.
 
 Writes into --out (default runs/<timestamp>): curves.json (loss per iteration, accuracies per
-epoch, wall time, config), curves.png and checkpoint.npz (params, optimizer state, RNG state,
-iteration, curves; written atomically). --resume CHECKPOINT continues a run bit-identically.
-Ctrl-C saves a checkpoint and the curves so far, then exits with code 130.
+epoch, wall time, config), curves.png (when matplotlib is installed) and checkpoint.npz (params,
+optimizer state, RNG state, iteration, curves; written atomically). --resume CHECKPOINT continues
+a run bit-identically. Ctrl-C saves a checkpoint and the curves so far, then exits with code 130.
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,11 +35,16 @@ import numpy as np
 
 from backends import Backend, BackendError, get_backend
 from kernels import ACTIVATIONS
-from nets.data import MnistDataError, load_mnist
+from nets.data import MnistDataError, atomic_file, load_mnist
 from nets.networks import NUMERICAL_METHODS, MultiLayerNet, TwoLayerNet
 from nets.optimizers import OPTIMIZERS, get_optimizer
+from nets.progress import Progress
 
 GRADIENTS = ("backprop", *NUMERICAL_METHODS)
+# How batches are drawn. with-replacement (seed 000): each batch rng.choice(N, B), accuracies after
+# iterations 0, E, 2E, ... (E = N // B). shuffled-epochs (seed 003, a shuffling DataLoader): epoch e
+# is one permutation of the training set cut into E batches, accuracies after each epoch's last batch.
+SAMPLINGS = ("with-replacement", "shuffled-epochs")
 CHECKPOINT_FORMAT = "gradgap-train-checkpoint-1"
 # Options that define the experiment: a resumed run must keep them. --iters, --backend and
 # --gradient may change on resume (they compute the same steps; bit-identity needs the same ones).
@@ -60,12 +67,18 @@ class RunConfig:
     gradient: str
     backend: str
     dtype: str
+    # Defaults: what every run did before these fields existed (older checkpoints resume unchanged).
+    input_mean: float = 0.0  # inputs are (pixel / 255 - input_mean) / input_std
+    input_std: float = 1.0
+    sampling: str = "with-replacement"
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "seed000": dict(
         hidden=[50], activation="sigmoid", weight_init_std=0.01, optimizer="sgd", lr=0.1, batch_size=100, iters=10_000
     ),
+    # seed 003: torch.nn.init.kaiming_normal_ with its defaults (a=0, mode="fan_in", leaky_relu gain
+    # sqrt(2)) draws N(0, 2 / fan_in), which is MultiLayerNet's "he" rule; torch.zeros biases.
     "mlp": dict(
         hidden=[200, 200],
         activation="relu",
@@ -74,6 +87,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr=0.01,
         batch_size=200,
         iters=3_000,
+        input_mean=0.01307,
+        input_std=0.3081,
+        sampling="shuffled-epochs",
     ),
 }
 
@@ -162,33 +178,44 @@ def new_run_dir(root: Path = Path("runs"), prefix: str = "") -> Path:
     raise FileExistsError(f"too many runs named {root / stamp}-*")
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """write(file) into a temp file next to path, then rename it over path (never a half-written path)."""
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, mode) as f:
-            write(f)
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(temp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda f: json.dump(data, f, indent=1))
+    """data as indented JSON, written atomically."""
+    with atomic_file(path, mode="w") as f:
+        json.dump(data, f, indent=1)
 
 
-def load_mnist_on(backend: Backend, dtype: str, data_dir: Path | None) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
-    """MNIST (x: (N, 784) pixel/255 in dtype, t: (N,) int64) converted to the backend once."""
+def load_mnist_on(
+    backend: Backend, dtype: str, data_dir: Path | None, input_mean: float = 0.0, input_std: float = 1.0
+) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """MNIST converted to the backend once: x (N, 784) (pixel / 255 - input_mean) / input_std in dtype,
+    t (N,) int64 labels."""
+
+    def normalized(x: np.ndarray) -> np.ndarray:
+        if input_mean != 0.0:
+            x -= x.dtype.type(input_mean)
+        if input_std != 1.0:
+            x /= x.dtype.type(input_std)
+        return x
+
     (x_train, t_train), (x_test, t_test) = load_mnist(dtype=dtype, data_dir=data_dir)
-    return ((backend.asarray(x_train), backend.asarray(t_train)), (backend.asarray(x_test), backend.asarray(t_test)))
+    return (
+        (backend.asarray(normalized(x_train)), backend.asarray(t_train)),
+        (backend.asarray(normalized(x_test)), backend.asarray(t_test)),
+    )
+
+
+def have_matplotlib() -> bool:
+    """Whether matplotlib imports (it is optional: without it the PNG charts are skipped)."""
+    try:
+        import matplotlib.figure  # noqa: F401  (a broken install fails here, before any work is lost)
+    except ImportError:
+        return False
+    return True
+
+
+def skipped_chart_line(name: str) -> str:
+    """The one line a CLI prints when matplotlib is missing."""
+    return f"matplotlib is not installed: skipped {name} (pip install matplotlib to get the chart)"
 
 
 @contextlib.contextmanager
@@ -207,33 +234,6 @@ def sigint_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-class Progress:
-    """A tqdm bar over iterations on stderr (or nothing); lines printed above it on stdout."""
-
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
-
-    def line(self, text: str) -> None:
-        if self.bar is None:
-            print(text, flush=True)
-        else:
-            self.bar.write(text, file=sys.stdout)
-            sys.stdout.flush()
-
-    def advance(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self.bar.update()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Training:
     """One run: net, optimizer, RNG and curves, able to checkpoint and resume exactly."""
 
@@ -242,10 +242,15 @@ class Training:
         self.backend = get_backend(config.backend)
         self.net = self._build_net()
         self.optimizer = get_optimizer(config.optimizer, lr=config.lr)
-        (self.x_train, self.t_train), (self.x_test, self.t_test) = load_mnist_on(self.backend, config.dtype, data_dir)
+        if config.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {config.sampling!r}; valid: {', '.join(SAMPLINGS)}")
+        (self.x_train, self.t_train), (self.x_test, self.t_test) = load_mnist_on(
+            self.backend, config.dtype, data_dir, config.input_mean, config.input_std
+        )
         self.train_size = int(self.x_train.shape[0])
         self.iter_per_epoch = max(self.train_size // config.batch_size, 1)
         self.rng = np.random.default_rng(config.seed)
+        self._shuffled: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
         self.iteration = 0
         self.curves: dict[str, Any] = {
             "loss": [],
@@ -256,18 +261,7 @@ class Training:
         }
 
     def _build_net(self) -> TwoLayerNet | MultiLayerNet:
-        c = self.config
-        common = dict(
-            activation=c.activation, weight_init_std=c.weight_init_std, seed=c.seed, backend=self.backend, dtype=c.dtype
-        )
-        if c.preset == "seed000":
-            if len(c.hidden) != 1:
-                raise ValueError(
-                    f"preset seed000 is a two-layer net with one hidden layer; got --hidden "
-                    f"{','.join(map(str, c.hidden))} (use --preset mlp for several)"
-                )
-            return TwoLayerNet(784, c.hidden[0], 10, **common)
-        return MultiLayerNet(784, c.hidden, 10, **common)
+        return build_net(self.config, self.backend)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
@@ -282,7 +276,8 @@ class Training:
         }
         arrays.update({f"param/{k}": self.backend.to_numpy(p) for k, p in self.net.params.items()})
         arrays.update({f"optimizer/{k}": v for k, v in self.optimizer.state_dict().items()})
-        atomic_write(path, lambda f: np.savez(f, **arrays), mode="wb")
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
 
     def restore(self, saved: dict[str, np.ndarray]) -> None:
         """Put params, optimizer state, RNG state, iteration and curves back as saved."""
@@ -297,8 +292,8 @@ class Training:
         self.iteration = int(saved["iteration"])
         self.curves = json.loads(str(saved["curves"]))
 
-    def write_outputs(self, out_dir: Path, status: str) -> None:
-        """curves.json and curves.png in out_dir."""
+    def write_outputs(self, out_dir: Path, status: str) -> list[str]:
+        """curves.json and, when matplotlib is installed, curves.png in out_dir; returns the names written."""
         record = {
             "status": status,
             "iterations_done": self.iteration,
@@ -307,7 +302,10 @@ class Training:
             **self.curves,
         }
         write_json(out_dir / "curves.json", record)
+        if not have_matplotlib():
+            return ["curves.json"]
         plot_curves(out_dir / "curves.png", record)
+        return ["curves.json", "curves.png"]
 
     # -- the loop --------------------------------------------------------------------------------------------
 
@@ -316,13 +314,30 @@ class Training:
             return self.net.gradient(x_batch, t_batch)
         return self.net.numerical_gradient(x_batch, t_batch, method=self.config.gradient)
 
+    def _batch_indices(self, i: int) -> np.ndarray:
+        """The training-set rows of iteration i's batch (B,) int, as config.sampling says."""
+        c = self.config
+        if c.sampling == "with-replacement":
+            return self.rng.choice(self.train_size, c.batch_size)
+        epoch, position = divmod(i, self.iter_per_epoch)
+        if self._shuffled is None or self._shuffled[0] != epoch:
+            # one permutation per epoch, a function of (seed, epoch) only: a resumed run draws the same
+            self._shuffled = (epoch, np.random.default_rng([c.seed, epoch]).permutation(self.train_size))
+        return self._shuffled[1][position * c.batch_size : (position + 1) * c.batch_size]
+
+    def _epoch_ends(self, i: int) -> bool:
+        """Whether the accuracies are evaluated after the update of iteration i."""
+        if self.config.sampling == "with-replacement":
+            return i % self.iter_per_epoch == 0  # textbook: iterations 0, E, 2E, ...
+        return (i + 1) % self.iter_per_epoch == 0  # after each whole epoch
+
     def _evaluate(self, i: int, progress: Progress) -> None:
         train_acc = self.net.accuracy(self.x_train, self.t_train)
         test_acc = self.net.accuracy(self.x_test, self.t_test)
         self.curves["epoch_iterations"].append(i)
         self.curves["train_acc"].append(train_acc)
         self.curves["test_acc"].append(test_acc)
-        progress.line(f"train acc, test acc | {train_acc}, {test_acc}")
+        progress.write(f"train acc, test acc | {train_acc}, {test_acc}")
 
     def run(
         self,
@@ -337,12 +352,12 @@ class Training:
         applied; the batch of an unfinished iteration is drawn again after a resume).
         """
         c = self.config
-        progress = Progress(show_progress, c.iters, self.iteration, f"{c.gradient} on {self.backend.name}")
+        progress = Progress(show_progress, c.iters, f"{c.gradient} on {self.backend.name}", initial=self.iteration)
         boundary_rng_state = self.rng.bit_generator.state
         started = time.perf_counter()
         try:
             for i in range(self.iteration, c.iters):
-                batch_mask = self.backend.asarray(self.rng.choice(self.train_size, c.batch_size))
+                batch_mask = self.backend.asarray(self._batch_indices(i))
                 x_batch, t_batch = self.x_train[batch_mask], self.t_train[batch_mask]
                 grads = self._gradient(x_batch, t_batch)
                 if on_iteration is not None:
@@ -351,7 +366,7 @@ class Training:
                     self.optimizer.update(self.net.params, grads)
                     loss = self.net.loss(x_batch, t_batch)
                     self.curves["loss"].append(loss)
-                    if i % self.iter_per_epoch == 0:  # textbook: after the update of iteration i
+                    if self._epoch_ends(i):
                         self._evaluate(i, progress)
                     self.iteration = i + 1
                     boundary_rng_state = self.rng.bit_generator.state
@@ -359,7 +374,8 @@ class Training:
                         self._add_wall_time(started)
                         started = time.perf_counter()
                         self.save_checkpoint(checkpoint_path)
-                progress.advance(loss)
+                progress.postfix(loss=f"{loss:.4f}")
+                progress.update()
         except KeyboardInterrupt:
             self.rng.bit_generator.state = boundary_rng_state  # the batch of the unfinished iteration is redrawn
             raise
@@ -372,8 +388,27 @@ class Training:
         self.curves["wall_time_s"] += time.perf_counter() - started
 
 
+def build_net(config: RunConfig, backend: Backend) -> TwoLayerNet | MultiLayerNet:
+    """The run's net: a TwoLayerNet for preset seed000, else a MultiLayerNet (784, hidden, 10)."""
+    common = dict(
+        activation=config.activation,
+        weight_init_std=config.weight_init_std,
+        seed=config.seed,
+        backend=backend,
+        dtype=config.dtype,
+    )
+    if config.preset == "seed000":
+        if len(config.hidden) != 1:
+            raise ValueError(
+                f"preset seed000 is a two-layer net with one hidden layer; got --hidden "
+                f"{','.join(map(str, config.hidden))} (use --preset mlp for several)"
+            )
+        return TwoLayerNet(784, config.hidden[0], 10, **common)
+    return MultiLayerNet(784, config.hidden, 10, **common)
+
+
 def plot_curves(path: Path, record: dict[str, Any]) -> None:
-    """curves.png: loss per iteration (left), train/test accuracy per epoch (right)."""
+    """curves.png: loss per iteration (left), train/test accuracy per epoch (right). Needs matplotlib."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -389,7 +424,8 @@ def plot_curves(path: Path, record: dict[str, Any]) -> None:
     acc_ax.legend(loc="lower right")
     c = record["config"]
     fig.suptitle(f"{c['preset']}: {c['optimizer']} lr {c['lr']}, {c['gradient']} on {c['backend']}")
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), mode="wb")
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
@@ -452,7 +488,8 @@ def main(argv: list[str] | None = None, on_iteration: Callable[[int], None] | No
         training.run(not args.no_progress, checkpoint, args.checkpoint_every, on_iteration)
     except KeyboardInterrupt:
         training.save_checkpoint(checkpoint)
-        training.write_outputs(out_dir, "interrupted")
+        if "curves.png" not in training.write_outputs(out_dir, "interrupted"):
+            print(skipped_chart_line("curves.png"), file=sys.stderr)
         print(
             f"\ninterrupted at iteration {training.iteration} of {config.iters}; saved {checkpoint} and the curves "
             f"so far.\nresume with: python -m nets.train --resume {checkpoint}",
@@ -460,12 +497,14 @@ def main(argv: list[str] | None = None, on_iteration: Callable[[int], None] | No
         )
         return 130
     training.save_checkpoint(checkpoint)
-    training.write_outputs(out_dir, "finished")
+    written = [*training.write_outputs(out_dir, "finished"), "checkpoint.npz"]
+    if "curves.png" not in written:
+        print(skipped_chart_line("curves.png"))
     wall = training.curves["wall_time_s"]
     done = len(training.curves["loss"])
     print(
         f"{done} iterations in {wall:.1f} s ({1000 * wall / max(done, 1):.3f} ms/iteration, {config.gradient} on "
-        f"{training.backend.name}); wrote curves.json, curves.png and checkpoint.npz in {out_dir}"
+        f"{training.backend.name}); wrote {', '.join(written[:-1])} and {written[-1]} in {out_dir}"
     )
     return 0
 

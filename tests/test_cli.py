@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from nets import compare_optimizers, gradcheck, train
+from nets.data import load_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCH_LINE = re.compile(r"^train acc, test acc \| (0\.\d+|1\.0), (0\.\d+|1\.0)$")
@@ -71,6 +72,9 @@ def test_seed000_defaults_print_epoch_lines_and_write_outputs(capsys, mnist_dir,
         "gradient": "backprop",
         "backend": "numpy",
         "dtype": "float64",
+        "input_mean": 0.0,
+        "input_std": 1.0,
+        "sampling": "with-replacement",
     }
     assert curves["status"] == "finished" and curves["iter_per_epoch"] == 600 and len(curves["loss"]) == 30
     assert curves["epoch_iterations"] == [0] and curves["wall_time_s"] > 0
@@ -95,13 +99,60 @@ def test_mlp_preset(capsys, mnist_dir, tmp_path):
     code, out, _ = run_train(
         capsys, "--preset", "mlp", "--iters", 3, "--no-progress", "--out", tmp_path, "--data-dir", mnist_dir
     )
-    assert code == 0 and len(epoch_lines(out)) == 1
+    assert code == 0 and epoch_lines(out) == []  # accuracies after each whole epoch of 300 iterations
     arrays, curves = saved_run(tmp_path)
     assert curves["config"]["hidden"] == [200, 200] and curves["config"]["activation"] == "relu"
     assert (curves["config"]["lr"], curves["config"]["batch_size"], curves["iter_per_epoch"]) == (0.01, 200, 300)
     assert arrays["param/W3"].shape == (200, 10)
+
+
+def test_mlp_preset_is_seed_003s_setting(mnist_dir):
+    """Seed 003: Normalize((0.01307,), (0.3081,)) after ToTensor, kaiming_normal_ weights (defaults:
+    fan_in, gain sqrt(2), so N(0, 2 / fan_in)), zero biases, SGD 0.01, batch 200, 10 shuffled epochs."""
     config = train.config_from_args(train.build_parser().parse_args(["--preset", "mlp"]))
-    assert (config.iters, config.weight_init_std) == (3000, "he")
+    assert (config.hidden, config.activation, config.optimizer, config.lr) == ([200, 200], "relu", "sgd", 0.01)
+    assert (config.batch_size, config.iters, config.sampling) == (200, 3000, "shuffled-epochs")
+    assert (config.input_mean, config.input_std) == (0.01307, 0.3081)
+
+    training = train.Training(config, mnist_dir)
+    assert training.iter_per_epoch == 300 and config.iters // training.iter_per_epoch == 10
+    (x_raw, _), (x_test_raw, _) = load_mnist(dtype="float64", data_dir=mnist_dir)
+    np.testing.assert_allclose(training.x_train, (x_raw - 0.01307) / 0.3081, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(training.x_test, (x_test_raw - 0.01307) / 0.3081, rtol=1e-15, atol=0)
+
+    for layer, fan_in in enumerate([784, 200, 200], start=1):
+        weights, biases = training.net.params[f"W{layer}"], training.net.params[f"b{layer}"]
+        std = np.sqrt(2 / fan_in)
+        n = weights.size  # 156,800 / 40,000 / 2,000 draws: the sample std is within 5 standard errors
+        assert abs(weights.mean()) < 5 * std / np.sqrt(n)
+        assert abs(weights.std() / std - 1) < 5 / np.sqrt(2 * n)
+        # normal, not uniform or truncated: about 68.3% within one std, 4.6% beyond two
+        assert abs(np.mean(np.abs(weights) < std) - 0.6827) < 5 * np.sqrt(0.22 / n)
+        assert abs(np.mean(np.abs(weights) > 2 * std) - 0.0455) < 5 * np.sqrt(0.044 / n)
+        assert not biases.any()
+
+
+def test_shuffled_epochs_visit_every_sample_once_per_epoch(mnist_dir):
+    config = train.config_from_args(train.build_parser().parse_args(["--preset", "mlp", "--batch-size", "12000"]))
+    training = train.Training(config, mnist_dir)
+    assert training.iter_per_epoch == 5
+    epochs = [np.concatenate([training._batch_indices(i) for i in range(e * 5, e * 5 + 5)]) for e in (0, 1)]
+    for rows in epochs:
+        assert rows.shape == (60000,) and np.array_equal(np.sort(rows), np.arange(60000))
+    assert not np.array_equal(epochs[0], epochs[1])  # a fresh shuffle each epoch
+    again = train.Training(config, mnist_dir)  # a function of (seed, epoch): a resumed run draws the same
+    np.testing.assert_array_equal(again._batch_indices(7), epochs[1][2 * 12000 : 3 * 12000])
+
+
+def test_mlp_preset_prints_an_epoch_line_after_each_epoch(capsys, mnist_dir, tmp_path):
+    # batch 20000: an epoch is 3 iterations, lines after iterations 2 and 5 (the seed's "after each epoch")
+    code, out, _ = run_train(
+        capsys, "--preset", "mlp", "--batch-size", 20000, "--iters", 7, "--hidden", "8,8", "--no-progress",
+        "--out", tmp_path, "--data-dir", mnist_dir,
+    )  # fmt: skip
+    assert code == 0 and len(epoch_lines(out)) == 2
+    _, curves = saved_run(tmp_path)
+    assert curves["epoch_iterations"] == [2, 5]
 
 
 @pytest.mark.parametrize("method", ["naive", "batched", "incremental"])
@@ -263,7 +314,8 @@ def test_gradcheck_naive_on_three_images(capsys, mnist_dir):
     values = dict(re.findall(r"^(\w+): ([0-9.e+-]+)$", out, flags=re.MULTILINE))
     assert list(values) == ["W1", "b1", "W2", "b2"]
     assert all(float(v) <= 1e-9 for v in values.values()), values
-    assert "OK: every mean difference <= 1e-07" in out
+    assert "verdict agrees: 39760 agree, 0 at a kink, 0 mismatch" in out and "OK: backprop agrees" in out
+    assert "(naive numerical gradient vs backprop, 39760 parameters, batch 3, relu, numpy," in out
 
 
 def test_gradcheck_fails_loudly_above_the_tolerance(capsys, mnist_dir, backend):
@@ -283,3 +335,21 @@ def test_himmelblau_example_reaches_the_minimum(capsys):
     assert himmelblau(final) < 1e-10
     out = capsys.readouterr().out
     assert out.startswith("step 0: x = [0.000999") and "step 18000" in out
+
+
+def test_the_progress_helper(capsys):
+    from nets.progress import Progress
+
+    with Progress(False, 10, "quiet") as bar:
+        assert bar.callback is None and not bar.enabled
+        bar.update(3)
+        bar.write("a line")
+    out, err = capsys.readouterr()
+    assert (out, err) == ("a line\n", "")
+    with Progress(True, 10, "loud", unit="param") as bar:
+        bar.callback(4)
+        bar.postfix(loss="0.5")
+        bar.write("above the bar")
+        bar.update(6)
+    out, err = capsys.readouterr()
+    assert out == "above the bar\n" and "loud" in err and "10/10" in err and "param" in err

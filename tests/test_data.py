@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# hypothesis is a dev-only library (".[dev]"): under the main install ".[numba,bench]" this module skips.
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis: pip install -e '.[dev]'")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nets.data import MNIST_FILES, MnistDataError, default_data_dir, load_mnist, mirror_list, read_idx
+from nets.data import (
+    MNIST_FILES,
+    MnistDataError,
+    atomic_file,
+    default_data_dir,
+    load_mnist,
+    mirror_list,
+    read_idx,
+)
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -188,3 +200,23 @@ def test_fuzz_mutated_valid_files(seed, compress, edits, cut, extra):
     for position, value in edits:
         data[position % len(data)] = value
     check_parse(bytes(data[: max(cut, len(data) // 2)]) + extra)
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    """The one atomic-write helper (downloads, checkpoints, curves, charts): a reader never sees half a file."""
+    target = tmp_path / "checkpoint.npz"
+    target.write_bytes(b"old contents")
+    with pytest.raises(RuntimeError, match="interrupted mid-write"), atomic_file(target) as out:
+        out.write(b"half of the new")
+        raise RuntimeError("interrupted mid-write")
+    assert target.read_bytes() == b"old contents" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    with atomic_file(target) as out:
+        assert Path(out.name).parent == tmp_path and not target.read_bytes().startswith(b"new")
+        out.write(b"new contents")
+    assert target.read_bytes() == b"new contents" and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not the temp file's 0600
+    with atomic_file(tmp_path / "curves.json", mode="w") as out:
+        out.write('{"ok": true}')
+    assert (tmp_path / "curves.json").read_text() == '{"ok": true}'

@@ -41,7 +41,8 @@ def test_params_are_the_arrays_the_layers_use(small_batch):
     net.params["W1"][...] = 0.0  # in place
     assert net.loss(x, t) != before
     net.params["W1"] = np.full((12, 6), 0.1)  # rebinding the dict entry is honoured too
-    np.testing.assert_array_equal(net.predict(x)[:, 0], net.predict(x)[:, 0])
+    hidden = 1 / (1 + np.exp(-(x @ np.full((12, 6), 0.1) + net.params["b1"])))  # sigmoid, the default
+    np.testing.assert_allclose(net.predict(x), hidden @ net.params["W2"] + net.params["b2"], rtol=1e-12, atol=0)
     assert net.layers[0].W is net.params["W1"]
 
 
@@ -114,3 +115,107 @@ def test_layout_of_inputs_does_not_matter(backend, small_batch):
         np.testing.assert_array_equal(backend.to_numpy(net.predict(backend.asarray(variant))), want)
         grads = net.gradient(backend.asarray(variant), t)
         assert all(np.isfinite(backend.to_numpy(g)).all() for g in grads.values())
+
+
+# -- validation of inputs that live on a device -------------------------------------------------------------
+# cupy cannot run on this machine, so a stand-in device array module stands for it: numpy memory in an
+# ndarray subclass, with the calls that read values back (dot for the finiteness check, stack for the
+# label range) counted. The real CuPy path is the same code with cupy as xp (tests/test_cupy.py on a GPU).
+
+
+class _DeviceArray(np.ndarray):
+    """numpy memory posing as a device array (a type of its own, like cupy.ndarray)."""
+
+
+def _device_backend():
+    import types
+
+    from backends import Backend
+    from kernels import numpy_kernels
+
+    xp = types.ModuleType("stand_in_device_xp")
+    xp.__dict__.update({name: getattr(np, name) for name in ("float64", "int64", "isfinite", "flatnonzero")})
+    xp.ndarray = _DeviceArray
+    xp.reads = 0
+
+    def counted(function):
+        def read_back(*args, **kwargs):
+            xp.reads += 1
+            return function(*args, **kwargs)
+
+        return read_back
+
+    xp.dot, xp.stack = counted(np.dot), counted(np.stack)
+    xp.asarray = lambda a, dtype=None: np.asarray(a, dtype=dtype).view(_DeviceArray)
+    return Backend(name="stand-in-device", xp=xp, kernels=numpy_kernels)
+
+
+def _one_hot_with(row: int, column: int, value: float) -> np.ndarray:
+    """One-hot rows (8, 5) of labels 0 1 2 3 4 0 1 2 with one entry changed."""
+    t = np.eye(5)[[0, 1, 2, 3, 4, 0, 1, 2]]
+    t[row, column] = value
+    return t
+
+
+BAD_TARGETS = {
+    "negative label": np.array([0, -1, 2, 1, 0, 3, 4, 2]),
+    "label too large": np.array([0, 1, 2, 5, 0, 3, 4, 2]),
+    "float labels": np.zeros(8),
+    "bool labels": np.zeros(8, dtype=bool),
+    "too few labels": np.array([0, 1, 2]),
+    "3-D": np.zeros((8, 5, 1), dtype=np.int64),
+    "one-hot with a 2": _one_hot_with(row=2, column=2, value=2.0),
+    "one-hot, two ones": _one_hot_with(row=3, column=0, value=1.0),
+    "one-hot wrong shape": np.eye(4)[[0, 1, 2, 3, 0, 1, 2, 3]],
+    "bool one-hot": np.eye(5, dtype=bool)[[0, 1, 2, 3, 4, 0, 1, 2]],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TARGETS))
+def test_device_targets_fail_like_host_targets(small_batch, case):
+    x, _ = small_batch
+    device = _device_backend()
+    host_net, device_net = TwoLayerNet(12, 6, 5), TwoLayerNet(12, 6, 5, backend=device)
+    t = BAD_TARGETS[case]
+    with pytest.raises((TypeError, ValueError)) as on_host:
+        host_net.gradient(x, t)
+    with pytest.raises(on_host.type) as on_device:
+        device_net.gradient(device.asarray(x), device.asarray(t))
+    assert str(on_device.value) == str(on_host.value)
+
+
+def test_device_inputs_are_checked_once_per_array(small_batch):
+    x, t = small_batch
+    device = _device_backend()
+    net = TwoLayerNet(12, 6, 5, weight_init_std=0.5, backend=device)
+    reference = TwoLayerNet(12, 6, 5, weight_init_std=0.5)
+    x_dev, t_dev = device.asarray(x), device.asarray(t)
+    onehot_dev = device.asarray(np.eye(5)[t])
+    got = net.gradient(x_dev, t_dev)
+    assert device.xp.reads == 2  # x's finiteness, the labels' range: the only values read back
+    assert_gradients_close(got, reference.gradient(x, t), atol=1e-15)
+    net.gradient(x_dev, t_dev)
+    assert net.loss(x_dev, t_dev) == pytest.approx(reference.loss(x, t), rel=1e-15)
+    assert device.xp.reads == 2  # the same arrays again: their verdicts are remembered
+    assert net.accuracy(x_dev, onehot_dev) == reference.accuracy(x, t)
+    assert device.xp.reads == 2  # a one-hot check reads back one bool (row_ok.all()), not counted here
+    net.gradient(device.asarray(x), t_dev)
+    assert device.xp.reads == 3  # a new x array is checked
+
+    x_nan = device.asarray(x)
+    x_nan[2, 3] = np.nan
+    with pytest.raises(ValueError, match=r"^x contains 1 NaN or Inf value\(s\); inputs must be finite$"):
+        net.gradient(x_nan, t_dev)
+    with pytest.raises(ValueError, match="x contains 1 NaN"):
+        net.gradient(x_nan, t_dev)  # a failed check is not remembered as passed
+
+
+def test_parameters_on_a_device_are_checked_on_every_call(small_batch):
+    x, t = small_batch
+    device = _device_backend()
+    net = TwoLayerNet(12, 6, 5, weight_init_std=0.5, backend=device)
+    x_dev, t_dev = device.asarray(x), device.asarray(t)
+    net.numerical_gradient(x_dev, t_dev, method="incremental")
+    net.params["W2"][1, 1] = np.inf  # in place, as optimizers write: never trusted from a past verdict
+    with pytest.raises(ValueError, match=r"params\['W2'\] contains 1 NaN or Inf"):
+        net.numerical_gradient(x_dev, t_dev, method="incremental")

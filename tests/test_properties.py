@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+# hypothesis is a dev-only library (".[dev]"): under the main install ".[numba,bench]" this module skips.
+pytest.importorskip("hypothesis", reason="property-based tests need hypothesis: pip install -e '.[dev]'")
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
