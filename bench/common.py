@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from backends import Backend, to_numpy
+from bench.textbook import central_differences
 
 T = TypeVar("T")
 Array = Any
@@ -440,17 +441,7 @@ def independent_differences(net: Any, x: np.ndarray, t: np.ndarray, sample: Sequ
         value = float(np.mean(log_sum - z[np.arange(len(t)), t]))
         return value + 0.5 * decay * sum(float(np.sum(params[f"W{m}"] ** 2)) for m in range(1, n_layers + 1))
 
-    out = np.empty(len(sample))
-    for k, (name, idx) in enumerate(sample):
-        p = params[name]
-        original = p[idx]
-        p[idx] = original + h
-        loss_plus = loss()
-        p[idx] = original - h
-        loss_minus = loss()
-        p[idx] = original
-        out[k] = (loss_plus - loss_minus) / (2 * h)
-    return out
+    return np.array([central_differences(loss, params[name], [idx], h)[0] for name, idx in sample])
 
 
 # ---------------------------------------------------------------- timing

@@ -103,7 +103,7 @@ class TextbookTwoLayerNet:
     def numerical_gradient(self, x: np.ndarray, t: np.ndarray, h: float = 1e-4) -> dict[str, np.ndarray]:
         """The textbook loop over every parameter: {"W1", "b1", "W2", "b2"}, float64."""
         return {
-            name: _central_differences(lambda: self.loss(x, t), p, list(np.ndindex(*p.shape)), h).reshape(p.shape)
+            name: central_differences(lambda: self.loss(x, t), p, list(np.ndindex(*p.shape)), h).reshape(p.shape)
             for name, p in self.params.items()
         }
 
@@ -114,13 +114,13 @@ class TextbookTwoLayerNet:
         runs = itertools.groupby(sample, key=lambda item: item[0])
         return np.concatenate(
             [
-                _central_differences(lambda: self.loss(x, t), self.params[name], [idx for _, idx in run], h)
+                central_differences(lambda: self.loss(x, t), self.params[name], [idx for _, idx in run], h)
                 for name, run in runs
             ]
         )
 
 
-def _central_differences(
+def central_differences(
     loss: Callable[[], float], p: np.ndarray, indices: Sequence[tuple[int, ...]], h: float
 ) -> np.ndarray:
     """(loss(p + h) - loss(p - h)) / 2h for each index of p, moved in place and put back."""

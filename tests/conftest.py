@@ -11,6 +11,7 @@ import pytest
 
 from bench.common import SHARED_MNIST, assert_gradients_close
 from bench.plugin import make_backend
+from nets.data import MNIST_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,3 +32,14 @@ def mnist_batch(mnist_train):
     """The seed setting's batch: the first 100 training images and their labels."""
     x_train, t_train = mnist_train
     return np.array(x_train[:100]), np.array(t_train[:100])
+
+
+@pytest.fixture(scope="module")
+def server(mnist_dir):
+    """A loopback HTTP server serving the real MNIST files (tests/mnist_server.py), one per test module."""
+    from tests.mnist_server import MnistServer
+
+    srv = MnistServer({spec.name: (Path(mnist_dir) / spec.name).read_bytes() for spec in MNIST_FILES.values()})
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()

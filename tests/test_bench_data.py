@@ -24,7 +24,6 @@ import pytest
 import bench.common
 from bench.common import MNIST_FILE_NAMES, load_data, synthetic_batch
 from nets.data import MNIST_FILES, load_mnist
-from tests.test_data_faults import MnistServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,15 +36,6 @@ def nowhere(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("GRADGAP_DATA_DIR", str(empty))
     monkeypatch.setattr(bench.common, "SHARED_MNIST", tmp_path / "no-shared")
     return empty
-
-
-@pytest.fixture(scope="module")
-def server(mnist_dir):
-    files = {spec.name: (Path(mnist_dir) / spec.name).read_bytes() for spec in MNIST_FILES.values()}
-    srv = MnistServer(files)
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
 
 
 def closed_port() -> int:
