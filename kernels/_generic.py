@@ -576,8 +576,7 @@ def numerical_gradient_series(
         )
     xp = ops.xp
     n_layers = len(weights)
-    cache = forward_cache(xp, ops, weights, biases, x, labels, activation, alpha)
-    derivatives = [ops.activation_with_derivative(activation, a, alpha)[1] for a in cache.pre[:-1]]
+    cache, derivatives = _series_forward(xp, ops, weights, biases, x, labels, activation, alpha)
     detect = kinks is not None and activation in _KINKED
     plan = None
     if activation in _KINKED and n_layers > 2:
@@ -601,6 +600,24 @@ def numerical_gradient_series(
     return dWs, dbs
 
 
+def _series_forward(xp, ops: Ops, weights, biases, x, labels, activation, alpha):
+    """(ForwardCache, [f'(z_m) (B, O_m) for each hidden layer]): the base pass with each hidden activation and
+    its derivative from one fused sweep (ops.activation_with_derivative), as forward_cache would give them."""
+    inputs, pre, derivatives = [x], [], []
+    for m, (W, b) in enumerate(zip(weights, biases, strict=True)):
+        a = inputs[-1] @ W
+        a += b
+        pre.append(a)
+        if m < len(weights) - 1:
+            y, slope = ops.activation_with_derivative(activation, a, alpha)
+            inputs.append(y)
+            derivatives.append(slope)
+    shifted, e, total = log_softmax_parts(xp, pre[-1])
+    picked = xp.take_along_axis(shifted, labels[:, None], axis=1)[:, 0]
+    e /= total
+    return ForwardCache(inputs, pre, e, xp.log(total[:, 0]) - picked), derivatives
+
+
 def _last_layer_series(xp, cache: ForwardCache, labels, h):
     """(dW, db) of the output layer by the series, or None when some (sample, class) pair needs more
     than SERIES_MAX_ORDER terms (the caller then takes the closed form, _last_layer_differences).
@@ -612,8 +629,7 @@ def _last_layer_series(xp, cache: ForwardCache, labels, h):
     z = cache.inputs[-1]
     batch = z.shape[0]
     p = cache.probs
-    steps = h * xp.concatenate([z, xp.ones((batch, 1), dtype=z.dtype)], axis=1)
-    rho = xp.abs(steps).max(axis=1)
+    rho = h * xp.maximum(xp.abs(z).max(axis=1), 1.0)  # max |u| over the inputs and the bias (u = +-h)
     with _errstate(xp):
         radius = xp.log1p(0.5 / p)
         ratio = xp.where(xp.isfinite(radius), rho[:, None] / radius, 0.0)
@@ -630,11 +646,15 @@ def _last_layer_series(xp, cache: ForwardCache, labels, h):
         L.append(value)
     L[0] = L[0].copy()
     L[0][xp.arange(batch), labels] -= 1.0
-    powers = [steps]
-    for _ in range(3, order + 1, 2):
-        powers.append(powers[-1] * steps * steps)
-    grad = xp.concatenate(powers, axis=0).T @ xp.concatenate(L[::2], axis=0) / (h * batch)
-    return grad[:-1], grad[-1]
+    # sum over odd n of (h z)^n.T @ L_n / h = (z^n).T @ (h^(n-1) L_n); the bias (z = 1) sums the scaled L_n
+    scaled = xp.concatenate([L_n if n == 0 else L_n * h ** (2 * n) for n, L_n in enumerate(L[::2])], axis=0)
+    powers = [z]
+    if order >= 3:
+        z_squared = z * z
+        for _ in range(3, order + 1, 2):
+            powers.append(powers[-1] * z_squared)
+    stacked = z if len(powers) == 1 else xp.concatenate(powers, axis=0)
+    return stacked.T @ scaled / batch, scaled.sum(axis=0) / batch
 
 
 def _series_layer_differences(
@@ -650,10 +670,12 @@ def _series_layer_differences(
     a = cache.inputs[layer]
     batch, n_in = a.shape
     n_out = weights[layer].shape[1]
-    steps = h * xp.concatenate([a, xp.ones((batch, 1), dtype=a.dtype)], axis=1)  # (B, I + 1): u / sign
-    rho = xp.abs(steps).max(axis=1)  # (B,): |u| <= rho for every input of the sample (bias included)
-    moved_inputs = (steps != 0).sum(axis=1)  # (B,): direct evaluations a fallback pair of the sample costs
+    # (B,): |u| <= rho for every input of the sample, bias (a = 1) included; equal to max |h a| since
+    # rounding h * x is monotone in x. The steps u (B, I + 1) themselves are built only for direct evaluations.
+    rho = h * xp.maximum(xp.abs(a).max(axis=1), 1.0)
+    steps = moved_inputs = None
     grad = xp.zeros((n_in + 1, n_out), dtype=xp.float64)
+    a_squared = None
     if layer == len(weights) - 2:  # (B, Jc, C) arrays only
         per_unit = 8 * batch * weights[-1].shape[1] * 8
     elif activation in _KINKED:  # (B, Jc, n) arrays of the next layer's radius only
@@ -675,28 +697,50 @@ def _series_layer_differences(
                 xp, cache, derivatives, weights, labels, layer, cols, rho, h, plan
             )
         else:
+            if moved_inputs is None:  # (B,): direct evaluations a fallback pair of the sample costs
+                moved_inputs = (h * a != 0).sum(axis=1) + 1
             coefficients, needed = _smooth_pair_series(
                 xp, cache, derivatives, weights, labels, activation, layer, cols, rho, h, moved_inputs
             )
             inverse_radius = None
         fallback = needed > len(coefficients)  # (B, Jc)
-        # sum over odd n of (h a)^n.T @ L_n / h as one GEMM over the stacked orders
-        powers, odd = [steps], []
-        for n, L_n in enumerate(coefficients, start=1):
-            if n % 2:
-                odd.append(xp.where(fallback, 0.0, L_n) if bool(fallback.any()) else L_n)
-            if n + 2 <= len(coefficients) and n % 2:
-                powers.append(powers[-1] * steps * steps)
-        stacked = powers[0] if len(powers) == 1 else xp.concatenate(powers[: len(odd)], axis=0)
-        grad[:, cols] += stacked.T @ (odd[0] if len(odd) == 1 else xp.concatenate(odd, axis=0)) / h
+        any_fallback = bool(fallback.any())
+        # sum over odd n of (h a)^n.T @ L_n / h = (a^n).T @ (h^(n-1) L_n) as one GEMM over the stacked
+        # orders; the bias row (a = 1) is the column sum of the scaled coefficients
+        odd = []
+        for n in range(1, len(coefficients) + 1, 2):
+            L_n = xp.where(fallback, 0.0, coefficients[n - 1]) if any_fallback else coefficients[n - 1]
+            odd.append(L_n if n == 1 else L_n * h ** (n - 1))
+        powers = [a]
+        if len(odd) > 1 and a_squared is None:
+            a_squared = a * a
+        for _ in odd[1:]:
+            powers.append(powers[-1] * a_squared)
+        if len(odd) == 1:
+            grad[:n_in, cols] += a.T @ odd[0]
+            grad[n_in, cols] += odd[0].sum(axis=0)
+        else:
+            scaled = xp.concatenate(odd, axis=0)
+            grad[:n_in, cols] += xp.concatenate(powers, axis=0).T @ scaled
+            grad[n_in, cols] += scaled.sum(axis=0)
         # direct evaluation: every moved input of a fallback pair; on relu nets also the triples past a kink radius
+        reach = None
+        if inverse_radius is not None:
+            reach = rho[:, None] * inverse_radius >= 1
+            if any_fallback:
+                reach &= ~fallback
+            if not bool(reach.any()):
+                reach = None
+        if not any_fallback and reach is None:
+            continue
+        if steps is None:
+            steps = h * xp.concatenate([a, xp.ones((batch, 1), dtype=a.dtype)], axis=1)  # (B, I + 1): u / sign
         pair_b, pair_j = xp.nonzero(fallback)
         moved = steps[pair_b] != 0
         t_pair, t_i = xp.nonzero(moved)
         samples, units, inputs = pair_b[t_pair], pair_j[t_pair], t_i
         corrected = None
-        if inverse_radius is not None:
-            reach = (rho[:, None] * inverse_radius >= 1) & ~fallback
+        if reach is not None:
             near_b, near_j = xp.nonzero(reach)
             past = xp.abs(steps[near_b]) * inverse_radius[near_b, near_j][:, None] >= 1  # (n_near, I + 1)
             past &= steps[near_b] != 0
@@ -752,6 +796,23 @@ def _inverse_kink_radius(xp, T: Array, z: Array) -> Array:
     return result
 
 
+def _next_layer_inverse_radius(xp, slope: Array, W_next: Array, z: Array) -> Array:
+    """_inverse_kink_radius of T[b, j, q] = slope[b, j] W_next[j, q] without forming T: (B, J).
+
+    max_q |T| / |z_q| = |slope[b, j]| max_q |W_next[j, q]| / |z[b, q]| (inf where some z[b, q] = 0 meets
+    T != 0): one (B, J, n) product instead of four, the zero test a GEMM of indicators."""
+    magnitude = xp.abs(z)
+    safe = xp.where(magnitude > 0, magnitude, 1.0)
+    inverse = xp.where(magnitude > 0, 1.0 / safe, 0.0)
+    W_abs = xp.abs(W_next)
+    result = xp.abs(slope) * (W_abs[None, :, :] * inverse[:, None, :]).max(axis=2)
+    at_zero = magnitude == 0
+    if bool(at_zero.any()):
+        touched = (at_zero.astype(xp.float64) @ (W_abs > 0).astype(xp.float64).T > 0) & (slope != 0)
+        result = xp.where(touched, xp.inf, result)
+    return result
+
+
 def _label_component(xp, V: Array, labels: Array) -> Array:
     """V[b, j, labels[b]] as (B, J, 1)."""
     index = xp.broadcast_to(labels[:, None, None], V.shape[:2] + (1,))
@@ -769,8 +830,9 @@ def _output_feeding_pair_series(xp, cache, derivatives, weights, labels, activat
     the largest radius (at most theta) that keeps the expm1 at 1/2 (docs/series.md, section 4).
     """
     W_next = weights[layer + 1][cols]  # (Jc, C)
-    d = W_next[None, :, :] - W_next.T[labels][:, :, None]  # (B, Jc, C)
-    widest = xp.abs(d).max(axis=2)
+    # d[b, j, c] = W_next[j, c] - W_next[j, t] depends on the sample only through its label t: tables over (t, j, c)
+    spread = W_next[None, :, :] - W_next.T[:, :, None]  # (C, Jc, C)
+    widest = xp.abs(spread).max(axis=2)[labels]  # (B, Jc): max_c |d|
     slope = derivatives[layer][:, cols]
     a = xp.abs(slope) * widest
     inverse_radius = None
@@ -794,17 +856,16 @@ def _output_feeding_pair_series(xp, cache, derivatives, weights, labels, activat
         ratio = xp.where(finite, reach / xp.where(finite, radius, 1.0), 0.0)
     needed = _order_needed(xp, ratio, bound, h)
     order = _largest_order(xp, needed)
-    # phi's coefficients: E_n = sum_c p_c d^n / n!, then L = log E
-    p = cache.probs[:, None, :]
-    term, E, phi = d, [None], []
+    # phi's coefficients: E_n = sum_c p_c d^n / n!, one GEMM of p with the tables d^n / n! of every label,
+    # of which each sample keeps its own label's; then L = log E
+    moments = _label_moments(xp, cache.probs, W_next, labels, order, spread)
+    E, phi = [None], []
     for n in range(1, order + 1):
-        E.append((p * term).sum(axis=2))
+        E.append(moments[:, n - 1])
         value = E[n]
         for k in range(1, n):
             value = value - (k / n) * phi[k - 1] * E[n - k]
         phi.append(value)
-        if n < order:
-            term = term * d / (n + 1)
     if activation in _KINKED:  # y(u) = f'(z) u exactly below the kink
         power, coefficients = slope, []
         for n in range(1, order + 1):
@@ -821,6 +882,22 @@ def _output_feeding_pair_series(xp, cache, derivatives, weights, labels, activat
         for n in range(m, order + 1):
             coefficients[n - 1] = coefficients[n - 1] + phi[m - 1] * power[n - 1]
     return coefficients, needed, inverse_radius
+
+
+def _label_moments(xp, probs, W_next, labels, order, spread=None):
+    """(B, K, Jc) float64: E_n[b, j] = sum_c p[b, c] d^n / n! with d = W_next[j, c] - W_next[j, labels[b]], n = 1..K.
+
+    d depends on the sample only through its label: one GEMM of p (B, C) with the tables d^n / n! of
+    every label (K, C, Jc, C), of which each sample keeps its own label's."""
+    batch, classes = probs.shape
+    if spread is None:
+        spread = W_next[None, :, :] - W_next.T[:, :, None]  # (C, Jc, C): [t, j, c]
+    term, tables = spread, [spread]
+    for n in range(2, order + 1):
+        term = term * spread / n
+        tables.append(term)
+    moments = probs @ xp.stack(tables).reshape(-1, classes).T  # (B, K C Jc)
+    return moments.reshape(batch, order, classes, -1)[xp.arange(batch), :, labels]
 
 
 def _logit_jacobians(xp, derivatives, weights):
@@ -877,15 +954,15 @@ def _piecewise_pair_series(xp, cache, derivatives, weights, labels, layer, cols,
     z = cache.pre[layer][:, cols]
     with _errstate(xp):
         inverse_radius = xp.where(z != 0, 1.0 / xp.where(z != 0, xp.abs(z), 1.0), xp.inf)
-    T = derivatives[layer][:, cols, None] * weights[layer + 1][cols][None]  # (B, Jc, n): d z_(l+1) / d z_l[j]
+    slope, W_next = derivatives[layer][:, cols], weights[layer + 1][cols]  # T[b, j] = slope[b, j] W_next[j]
     if layer + 1 < n_layers - 1:
-        inverse_radius = xp.maximum(inverse_radius, _inverse_kink_radius(xp, T, cache.pre[layer + 1]))
+        inverse_radius = xp.maximum(inverse_radius, _next_layer_inverse_radius(xp, slope, W_next, cache.pre[layer + 1]))
     if layer + 2 < n_layers - 1:
         bounded = xp.maximum(inverse_radius, later_bounds[layer][:, cols])
         pair_b, pair_j = xp.nonzero(rho[:, None] * bounded >= 1)
         if pair_b.size:  # the exact radius of these pairs: carry their directions forward
             exact = inverse_radius[pair_b, pair_j]
-            direction = T[pair_b, pair_j][:, None, :]  # (P, 1, n)
+            direction = (slope[pair_b, pair_j][:, None] * W_next[pair_j])[:, None, :]  # (P, 1, n): T[b, j]
             for m in range(layer + 1, n_layers - 2):
                 direction = _propagate(xp, direction * derivatives[m][pair_b][:, None, :], weights[m + 1])
                 exact = xp.maximum(exact, _inverse_kink_radius(xp, direction, cache.pre[m + 1][pair_b])[:, 0])

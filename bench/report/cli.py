@@ -23,7 +23,7 @@ from pathlib import Path
 from backends import BACKEND_NAMES
 from bench.common import PROFILES
 from bench.report.charts import CHARTS, matplotlib_missing
-from bench.report.render import build_report, headline_table
+from bench.report.render import build_report, describe_data, headline_table
 from bench.report.results import ReportError, load_runs
 from bench.report.runner import RESULTS_DIR, SuiteRun, run_suite
 
@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     print()
+    for run in runs:
+        print(f"data ({run.label}): {describe_data(run)}")
     print(headline_table(runs) if any(run.of_suite("gap") for run in runs) else "no seed-setting (gap) results")
     print(f"\nreport: {report}")
     charts = [report.parent / name for name, _, _ in CHARTS if (report.parent / name).exists()]  # stale ones go
