@@ -646,15 +646,17 @@ def _last_layer_series(xp, cache: ForwardCache, labels, h):
         L.append(value)
     L[0] = L[0].copy()
     L[0][xp.arange(batch), labels] -= 1.0
-    # sum over odd n of (h z)^n.T @ L_n / h = (z^n).T @ (h^(n-1) L_n); the bias (z = 1) sums the scaled L_n
-    scaled = xp.concatenate([L_n if n == 0 else L_n * h ** (2 * n) for n, L_n in enumerate(L[::2])], axis=0)
-    powers = [z]
+    # sum over odd n of (h z)^n.T @ L_n / h as one GEMM; the bias (z = 1) sums h^(n-1) L_n
+    odd = L[::2]
+    powers = [h * z]
     if order >= 3:
-        z_squared = z * z
+        step_squared = powers[0] * powers[0]
         for _ in range(3, order + 1, 2):
-            powers.append(powers[-1] * z_squared)
-    stacked = z if len(powers) == 1 else xp.concatenate(powers, axis=0)
-    return stacked.T @ scaled / batch, scaled.sum(axis=0) / batch
+            powers.append(powers[-1] * step_squared)
+    stacked = powers[0] if len(powers) == 1 else xp.concatenate(powers, axis=0)
+    dW = stacked.T @ (odd[0] if len(odd) == 1 else xp.concatenate(odd, axis=0)) / (h * batch)
+    db = sum(L_n.sum(axis=0) * h ** (2 * n) for n, L_n in enumerate(odd)) / batch
+    return dW, db
 
 
 def _series_layer_differences(
@@ -673,9 +675,8 @@ def _series_layer_differences(
     # (B,): |u| <= rho for every input of the sample, bias (a = 1) included; equal to max |h a| since
     # rounding h * x is monotone in x. The steps u (B, I + 1) themselves are built only for direct evaluations.
     rho = h * xp.maximum(xp.abs(a).max(axis=1), 1.0)
-    steps = moved_inputs = None
+    steps = moved_inputs = scaled_inputs = step_squared = None
     grad = xp.zeros((n_in + 1, n_out), dtype=xp.float64)
-    a_squared = None
     if layer == len(weights) - 2:  # (B, Jc, C) arrays only
         per_unit = 8 * batch * weights[-1].shape[1] * 8
     elif activation in _KINKED:  # (B, Jc, n) arrays of the next layer's radius only
@@ -705,24 +706,26 @@ def _series_layer_differences(
             inverse_radius = None
         fallback = needed > len(coefficients)  # (B, Jc)
         any_fallback = bool(fallback.any())
-        # sum over odd n of (h a)^n.T @ L_n / h = (a^n).T @ (h^(n-1) L_n) as one GEMM over the stacked
-        # orders; the bias row (a = 1) is the column sum of the scaled coefficients
-        odd = []
-        for n in range(1, len(coefficients) + 1, 2):
-            L_n = xp.where(fallback, 0.0, coefficients[n - 1]) if any_fallback else coefficients[n - 1]
-            odd.append(L_n if n == 1 else L_n * h ** (n - 1))
-        powers = [a]
-        if len(odd) > 1 and a_squared is None:
-            a_squared = a * a
-        for _ in odd[1:]:
-            powers.append(powers[-1] * a_squared)
+        # sum over odd n of (h a)^n.T @ L_n / h as one GEMM over the stacked orders; the bias row (a = 1)
+        # is the column sum of the h^(n-1) L_n
+        odd = [
+            xp.where(fallback, 0.0, coefficients[n - 1]) if any_fallback else coefficients[n - 1]
+            for n in range(1, len(coefficients) + 1, 2)
+        ]
+        if scaled_inputs is None:
+            scaled_inputs = [h * a]  # (B, I): u / sign for the weights
+        if len(odd) > 1 and step_squared is None:
+            step_squared = scaled_inputs[0] * scaled_inputs[0]
+        while len(scaled_inputs) < len(odd):
+            scaled_inputs.append(scaled_inputs[-1] * step_squared)
         if len(odd) == 1:
-            grad[:n_in, cols] += a.T @ odd[0]
+            grad[:n_in, cols] += scaled_inputs[0].T @ odd[0] / h
             grad[n_in, cols] += odd[0].sum(axis=0)
         else:
-            scaled = xp.concatenate(odd, axis=0)
-            grad[:n_in, cols] += xp.concatenate(powers, axis=0).T @ scaled
-            grad[n_in, cols] += scaled.sum(axis=0)
+            stacked = xp.concatenate(scaled_inputs[: len(odd)], axis=0)
+            grad[:n_in, cols] += stacked.T @ xp.concatenate(odd, axis=0) / h
+            for n, L_n in enumerate(odd):
+                grad[n_in, cols] += L_n.sum(axis=0) * h ** (2 * n)
         # direct evaluation: every moved input of a fallback pair; on relu nets also the triples past a kink radius
         reach = None
         if inverse_radius is not None:
@@ -810,6 +813,20 @@ def _next_layer_inverse_radius(xp, slope: Array, W_next: Array, z: Array) -> Arr
     if bool(at_zero.any()):
         touched = (at_zero.astype(xp.float64) @ (W_abs > 0).astype(xp.float64).T > 0) & (slope != 0)
         result = xp.where(touched, xp.inf, result)
+    return result
+
+
+def _probability_weighted(xp, A: Array, probs: Array) -> Array:
+    """sum_c A[b, j, c] probs[b, c] as (B, J): a batched matrix-vector product (a reduction over the short
+    last axis is several times slower in NumPy)."""
+    return xp.matmul(A, probs[:, :, None])[..., 0]
+
+
+def _max_over_classes(xp, A: Array) -> Array:
+    """A.max(axis=2) for a short last axis (the classes), by elementwise maxima: same values, faster. (B, J)."""
+    result = A[..., 0].copy()
+    for c in range(1, A.shape[-1]):
+        xp.maximum(result, A[..., c], out=result)
     return result
 
 
@@ -970,10 +987,10 @@ def _piecewise_pair_series(xp, cache, derivatives, weights, labels, layer, cols,
         inverse_radius = bounded
     V = jacobians[layer][:, :, cols].transpose(0, 2, 1)  # (B, Jc, C)
     spread = xp.abs(V - _label_component(xp, V, labels))
-    widest = spread.max(axis=2)
+    widest = _max_over_classes(xp, spread)
     with _errstate(xp):
         radius = xp.where(widest > 0, _LOSS_RADIUS / xp.where(widest > 0, widest, 1.0), 0.0)
-        zeta = (cache.probs[:, None, :] * xp.expm1(radius[:, :, None] * spread)).sum(axis=2)
+        zeta = _probability_weighted(xp, xp.expm1(radius[:, :, None] * spread), cache.probs)
         bound = -xp.log1p(-zeta)  # |g(u) - g(0)| on |u| <= radius
         reach = xp.minimum(rho[:, None], xp.where(inverse_radius > 0, 1.0 / inverse_radius, xp.inf))
         ratio = xp.where(widest > 0, reach / xp.where(widest > 0, radius, 1.0), 0.0)
@@ -1025,7 +1042,7 @@ def _smooth_pair_series(xp, cache, derivatives, weights, labels, activation, lay
             valid = valid & (beta.max(axis=2) <= theta)
         gamma = R[:, None, None] * spread + shrink * (eps[-1] + _label_component(xp, eps[-1], labels))
         with _errstate(xp):
-            zeta = (cache.probs[:, None, :] * xp.expm1(gamma)).sum(axis=2)
+            zeta = _probability_weighted(xp, xp.expm1(gamma), cache.probs)
             valid = valid & (zeta < 1)
             bound = xp.where(valid, -xp.log1p(-xp.where(valid, zeta, 0.0)), xp.inf)
         needed = xp.minimum(needed, _order_needed(xp, xp.full(V.shape[:2], 1.0 / kappa), bound, h))
@@ -1114,14 +1131,13 @@ def _loss_series(xp, probs, labels, V, order):
     then log by L_n = E_n - (1/n) sum_(k<n) k L_k E_(n-k) with E_n = sum_c p_c Y_n,c (E_0 = 1).
     """
     d = [Vk - _label_component(xp, Vk, labels) for Vk in V]
-    p = probs[:, None, :]
     Y, E, L = [None], [None], []
     for n in range(1, order + 1):
         acc = 0.0
         for k in range(1, min(n, len(d)) + 1):
             acc = acc + (k * d[k - 1]) * (Y[n - k] if n > k else 1.0)
         Y.append(acc / n)
-        E.append((p * Y[n]).sum(axis=2))
+        E.append(_probability_weighted(xp, Y[n], probs))
         L_n = E[n]
         for k in range(1, n):
             L_n = L_n - (k / n) * L[k - 1] * E[n - k]

@@ -546,7 +546,7 @@ def _order_needed_scalar(ratio, bound, h, tail, max_order):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _output_feeding_needed(code, theta, f2, loss_radius, h, tail, max_order, z, slope, w_next, labels, rho, needed):
-    """needed[b, j]: the order the bound of the output-feeding layer asks for (kernels._generic._output_feeding_pair_series)."""
+    """needed[b, j]: the order the bound of the output-feeding layer asks for (as in _generic)."""
     batch, units = z.shape
     classes = w_next.shape[1]
     for b in prange(batch):
