@@ -2,7 +2,7 @@
 
 Every benchmark checks its result against the NumPy reference, then times the call with
 ``Backend.synchronize()`` inside the timed function, and records what it measured in
-``benchmark.extra_info`` (the keys bench/report.py reads: see ``describe`` and ``mark_estimate``).
+``benchmark.extra_info`` (the keys bench/report/results.py reads: see ``describe`` and ``mark_estimate``).
 tests/conftest.py and bench/conftest.py both take their helpers from here (``assert_close``,
 ``assert_gradients_close``, ``mnist_dir``, ``SHARED_MNIST``); bench/plugin.py holds the pytest
 options and the backend fixture they share.
@@ -540,7 +540,7 @@ def describe(
     profile: Profile,
     **more: Any,
 ) -> None:
-    """Set the benchmark's group and extra_info (the record bench/report.py reads).
+    """Set the benchmark's group and extra_info (the record bench/report/results.py reads).
 
     Keys always set: suite, backend, method, net ("784-50-10"), n_params, batch, dtype,
     profile, threads, blas_threads, and from the data (``Batch.info``): data ("mnist" or
