@@ -113,52 +113,33 @@ def check_targets(backend: Backend, t: Any, batch: int, n_classes: int) -> Array
     input on the host (then copied once), device input on the device (see the module docstring).
     """
     if _on_device(backend, t):
-        return _device_targets(backend, t, batch, n_classes)
-    host = to_numpy(t)
-    if host.ndim == 2:
-        if host.shape != (batch, n_classes):
-            raise ValueError(f"one-hot t has shape {host.shape}; expected ({batch}, {n_classes})")
-        if host.dtype == np.bool_ or host.dtype.kind not in "iuf":
-            raise TypeError(f"one-hot t must be numeric 0/1; got dtype {host.dtype}")
-        hot = host == 1
-        if not (((host == 0) | hot).all() and (hot.sum(axis=1) == 1).all()):
-            rows = np.flatnonzero(~((((host == 0) | hot).all(axis=1)) & (hot.sum(axis=1) == 1)))
-            raise ValueError(f"t is 2-D but not one-hot: rows {rows[:5].tolist()} are not a single 1 among 0s")
-        return backend.asarray(hot.argmax(axis=1).astype(np.int64))
-    if host.ndim != 1:
-        raise ValueError(f"t must be labels (batch,) or one-hot (batch, {n_classes}); got shape {host.shape}")
-    if host.dtype == np.bool_ or host.dtype.kind not in "iu":
-        raise TypeError(f"labels must be integers in [0, {n_classes}); got dtype {host.dtype}")
-    if host.shape[0] != batch:
-        raise ValueError(f"t has {host.shape[0]} labels but x has {batch} samples")
-    if host.size and (host.min() < 0 or host.max() >= n_classes):
-        raise ValueError(
-            f"labels must be integers in [0, {n_classes}); got min {host.min()}, max {host.max()}, dtype {host.dtype}"
-        )
-    return backend.asarray(host.astype(np.int64, copy=False))
+        check = ("targets", batch, n_classes)
+        known = _device_verdicts.passed(t, check)
+        labels = _checked_labels(backend.xp, t, batch, n_classes, check_values=not known)
+        if not known:
+            _device_verdicts.remember(t, check)
+        return labels
+    return backend.asarray(_checked_labels(np, to_numpy(t), batch, n_classes, check_values=True))
 
 
-def _device_targets(backend: Backend, t: Array, batch: int, n_classes: int) -> Array:
-    """check_targets for a device array: shape and dtype from its metadata, values by device reductions.
+def _checked_labels(xp, t: Array, batch: int, n_classes: int, check_values: bool) -> Array:
+    """int64 labels (batch,) of xp from labels or one-hot rows, after the checks of check_targets.
 
-    The same checks and messages as on the host; the values behind a message are fetched only to
-    write it. A passing verdict is remembered for this array object (one sync in its lifetime).
+    Shape and dtype come from the metadata; values are checked by reductions (on a device, the few
+    numbers they give are the only thing read back) unless check_values is False (a device array
+    whose verdict is remembered). The values behind a message are fetched only to write it.
     """
-    xp = backend.xp
-    check = ("targets", batch, n_classes)
-    known = _device_verdicts.passed(t, check)
     if t.ndim == 2:
         if tuple(t.shape) != (batch, n_classes):
             raise ValueError(f"one-hot t has shape {tuple(t.shape)}; expected ({batch}, {n_classes})")
         if t.dtype == np.bool_ or t.dtype.kind not in "iuf":
             raise TypeError(f"one-hot t must be numeric 0/1; got dtype {t.dtype}")
         hot = t == 1
-        if not known:
+        if check_values:
             row_ok = ((t == 0) | hot).all(axis=1) & (hot.sum(axis=1) == 1)
             if not bool(row_ok.all()):  # the one value read back
                 rows = to_numpy(xp.flatnonzero(~row_ok)[:5])
                 raise ValueError(f"t is 2-D but not one-hot: rows {rows.tolist()} are not a single 1 among 0s")
-            _device_verdicts.remember(t, check)
         return hot.argmax(axis=1).astype(np.int64)
     if t.ndim != 1:
         raise ValueError(f"t must be labels (batch,) or one-hot (batch, {n_classes}); got shape {tuple(t.shape)}")
@@ -166,11 +147,10 @@ def _device_targets(backend: Backend, t: Array, batch: int, n_classes: int) -> A
         raise TypeError(f"labels must be integers in [0, {n_classes}); got dtype {t.dtype}")
     if t.shape[0] != batch:
         raise ValueError(f"t has {t.shape[0]} labels but x has {batch} samples")
-    if not known and t.size:
+    if check_values and t.size:
         low, high = to_numpy(xp.stack([t.min(), t.max()])).tolist()  # two numbers read back
         if low < 0 or high >= n_classes:
             raise ValueError(f"labels must be integers in [0, {n_classes}); got min {low}, max {high}, dtype {t.dtype}")
-        _device_verdicts.remember(t, check)
     return t.astype(np.int64, copy=False)
 
 
