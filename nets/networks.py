@@ -227,17 +227,21 @@ class _FeedForwardNet:
         track = kinks is not None and isinstance(self.activation, str) and self.activation in KINKED_ACTIVATIONS
         patterns: list[list[Array]] = []  # patterns of the passes since the last entry finished
 
+        # the loop moves elements of these very arrays in place; the lists only save look-ups per pass
+        layers = [(params64[f"W{m}"], params64[f"b{m}"]) for m in range(1, n_layers + 1)]
+        hidden, (W_out, b_out) = layers[:-1], layers[-1]
+        affine, activate, activation, alpha = kernels.affine_forward, kernels.activation_forward, self.activation, self.alpha
+
         def loss(_: Array) -> float:
             z, pattern = x, []
-            for m in range(1, n_layers + 1):
-                z = kernels.affine_forward(z, params64[f"W{m}"], params64[f"b{m}"])
-                if m < n_layers:
-                    if track:
-                        pattern.append(z > 0)
-                    z = kernels.activation_forward(self.activation, z, self.alpha)
-            value = float(kernels.softmax_cross_entropy(z, labels)[0])
+            for W, b in hidden:
+                z = affine(z, W, b)
+                if track:
+                    pattern.append(z > 0)
+                z = activate(activation, z, alpha)
+            value = float(kernels.softmax_cross_entropy(affine(z, W_out, b_out), labels)[0])
             if decay:
-                value += 0.5 * decay * sum(float(xp.sum(params64[f"W{m}"] ** 2)) for m in range(1, n_layers + 1))
+                value += 0.5 * decay * sum(float(xp.sum(W**2)) for W, _ in layers)
             if track:
                 patterns.append(pattern)
             return value
