@@ -230,7 +230,8 @@ class _FeedForwardNet:
         # the loop moves elements of these very arrays in place; the lists only save look-ups per pass
         layers = [(params64[f"W{m}"], params64[f"b{m}"]) for m in range(1, n_layers + 1)]
         hidden, (W_out, b_out) = layers[:-1], layers[-1]
-        affine, activate, activation, alpha = kernels.affine_forward, kernels.activation_forward, self.activation, self.alpha
+        affine, activate = kernels.affine_forward, kernels.activation_forward
+        activation, alpha = self.activation, self.alpha
 
         def loss(_: Array) -> float:
             z, pattern = x, []
