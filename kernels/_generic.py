@@ -199,6 +199,12 @@ class Ops:
     # optional fast path of the series method for the layer that feeds the output layer: same
     # arguments and result as _output_feeding_pair_series
     output_feeding_series: Callable[..., tuple] | None = None
+    # optional fast path of the series method's next-layer kink radius: same arguments and result as
+    # _next_layer_inverse_radius without its xp
+    next_layer_inverse_radius: Callable[..., Array] | None = None
+    # optional fast path of the relu/leaky loss series along each pair's direction: (V (B, J, C), probs,
+    # labels, rho, inverse radius, h) -> (coefficients [L_1..L_K], order needed), as _piecewise_pair_series
+    direction_series: Callable[..., tuple] | None = None
 
 
 def _param_views(weights, biases):
@@ -582,7 +588,12 @@ def numerical_gradient_series(
     detect = kinks is not None and activation in _KINKED
     plan = None
     if activation in _KINKED and n_layers > 2:
-        plan = (_logit_jacobians(xp, derivatives, weights), _later_kink_bounds(xp, cache, derivatives, weights))
+        next_radius = _next_layer_radii(ops, cache, derivatives, weights)
+        plan = (
+            _logit_jacobians(xp, derivatives, weights),
+            next_radius,
+            _later_kink_bounds(xp, cache, derivatives, weights, next_radius),
+        )
     dWs, dbs = [], []
     for layer in range(n_layers):
         if layer == n_layers - 1:
@@ -666,7 +677,8 @@ def _series_layer_differences(
 ):
     """(dW (I, J), db (J,), kink rows (n, 4)) of hidden layer ``layer`` by the series, chunks of units.
 
-    plan: relu/leaky only, (logit Jacobians, later kink bounds) of the whole pass, shared by the layers.
+    plan: relu/leaky only, (logit Jacobians, next-layer inverse radii, later kink bounds) of the whole pass,
+    shared by the layers.
 
     Kink rows index the flattened (I + 1, J) block: W entries first, then the biases (i = I).
     """
@@ -697,7 +709,7 @@ def _series_layer_differences(
             )
         elif activation in _KINKED:
             coefficients, needed, inverse_radius = _piecewise_pair_series(
-                xp, cache, derivatives, weights, labels, layer, cols, rho, h, plan
+                xp, cache, derivatives, weights, labels, layer, cols, rho, h, plan, ops.direction_series
             )
         else:
             if moved_inputs is None:  # (B,): direct evaluations a fallback pair of the sample costs
@@ -940,27 +952,53 @@ def _logit_jacobians(xp, derivatives, weights):
 _HUGE = 1e300  # stands for 1 / |z| at z = 0 in the radius bounds (0 * _HUGE = 0: a unit nothing moves)
 
 
-def _later_kink_bounds(xp, cache, derivatives, weights):
+def _next_layer_radii(ops: Ops, cache, derivatives, weights):
+    """[N_0, .., N_(L-3)], N_k (B, n_k) = max_q |T_(k+1)[b, j, q]| / |z_(k+1)[b, q]| for a unit j of layer k:
+    the exact next-layer term of the kink radius (_next_layer_inverse_radius), for every hidden layer
+    whose next layer is hidden too, in chunks of units that keep the (B, Jc, n) product within
+    SERIES_CHUNK_BYTES (ops.next_layer_inverse_radius, where given, takes whole layers)."""
+    xp = ops.xp
+    radii = []
+    for k in range(len(weights) - 2):
+        slope, W_next, z_next = derivatives[k], weights[k + 1], cache.pre[k + 1]
+        if ops.next_layer_inverse_radius is not None:
+            radii.append(ops.next_layer_inverse_radius(slope, W_next, z_next))
+            continue
+        batch, units = slope.shape
+        width = int(max(1, min(units, SERIES_CHUNK_BYTES // (8 * batch * W_next.shape[1] * 2))))
+        if width >= units:
+            radii.append(_next_layer_inverse_radius(xp, slope, W_next, z_next))
+            continue
+        parts = [
+            _next_layer_inverse_radius(xp, slope[:, first : first + width], W_next[first : first + width], z_next)
+            for first in range(0, units, width)
+        ]
+        radii.append(xp.concatenate(parts, axis=1))
+    return radii
+
+
+def _later_kink_bounds(xp, cache, derivatives, weights, next_radius):
     """[S_0, .., S_(L-2)], S_l (B, n_l) >= max over m >= l + 2, q of |T_m[b, j, q]| / |z_m[b, q]| (0 if none).
 
-    T_m[b, j, :] = d z_m[b, :] / d z_l[b, j]. From |T_m| <= |D_l[j] W_(l+1)[j]| |D W| ... |D W| entrywise,
-    w_(l->m) = |D_l| * (w_(l+1->m) @ |W_(l+1)|^T) with w_(m->m) = 1 / |z_m| bounds it for every j at
-    once: (B, n) matrix products, so the radius bound costs nothing like the forward carry."""
+    T_m[b, j, :] = d z_m[b, :] / d z_l[b, j] = sum_r T_(m-1)[b, j, r] D_(m-1)[b, r] W_m[r, :], so
+    max_q |T_m| / |z_m| <= sum_r |T_(m-1)[b, j, r]| c_m[b, r] with c_m = next_radius[m - 1] (the exact
+    max_q |D_(m-1)[r] W_m[r, q]| / |z_m[q]|). Bounding |T_(m-1)| <= |D_l[j] W_(l+1)[j]| |D W| ... entrywise,
+    w_(l->m) = |D_l| * (w_(l+1->m) @ |W_(l+1)|^T) from w_(m-1->m) = c_m bounds it for every j at once:
+    (B, n) matrix products, so the radius bound costs nothing like the forward carry."""
     n_layers = len(weights)
     bounds = [xp.zeros_like(d) for d in derivatives]
     for m in range(2, n_layers - 1):
-        z = xp.abs(cache.pre[m])
-        with _errstate(xp):
-            w = xp.where(z > 0, 1.0 / xp.where(z > 0, z, 1.0), _HUGE)
-        for k in range(m - 1, -1, -1):
+        w = xp.minimum(next_radius[m - 1], _HUGE)  # inf where a moved unit sits at z = 0: 0 * inf must stay 0
+        for k in range(m - 2, -1, -1):
             w = xp.minimum(xp.abs(derivatives[k]) * (w @ xp.abs(weights[k + 1]).T), _HUGE)
-            if k <= m - 2:
-                bounds[k] = xp.maximum(bounds[k], w)
+            bounds[k] = xp.maximum(bounds[k], w)
     return bounds
 
 
-def _piecewise_pair_series(xp, cache, derivatives, weights, labels, layer, cols, rho, h, plan):
+def _piecewise_pair_series(xp, cache, derivatives, weights, labels, layer, cols, rho, h, plan, direction_series=None):
     """relu/leaky: (loss coefficients [L_1..L_K] (B, Jc) each, order needed (B, Jc), inverse kink radius (B, Jc)).
+
+    direction_series: a backend's compiled form of the loss series and its order (Ops.direction_series).
 
     Below the kink radius the scores move along v(b, j) (plan: the logit Jacobians), and
     g(u) = log sum_c p_c exp(u (v_c - v_t)): its series is the loss series of that direction.
@@ -968,26 +1006,35 @@ def _piecewise_pair_series(xp, cache, derivatives, weights, labels, layer, cols,
     above for later layers (plan: _later_kink_bounds); only the pairs that bound cannot clear
     (rho * bound >= 1) get the exact radius, by the forward carry of their own direction.
     """
-    jacobians, later_bounds = plan
+    jacobians, next_radius, later_bounds = plan
     n_layers = len(weights)
     z = cache.pre[layer][:, cols]
     with _errstate(xp):
         inverse_radius = xp.where(z != 0, 1.0 / xp.where(z != 0, xp.abs(z), 1.0), xp.inf)
     slope, W_next = derivatives[layer][:, cols], weights[layer + 1][cols]  # T[b, j] = slope[b, j] W_next[j]
     if layer + 1 < n_layers - 1:
-        inverse_radius = xp.maximum(inverse_radius, _next_layer_inverse_radius(xp, slope, W_next, cache.pre[layer + 1]))
+        inverse_radius = xp.maximum(inverse_radius, next_radius[layer][:, cols])
     if layer + 2 < n_layers - 1:
         bounded = xp.maximum(inverse_radius, later_bounds[layer][:, cols])
         pair_b, pair_j = xp.nonzero(rho[:, None] * bounded >= 1)
-        if pair_b.size:  # the exact radius of these pairs: carry their directions forward
-            exact = inverse_radius[pair_b, pair_j]
-            direction = (slope[pair_b, pair_j][:, None] * W_next[pair_j])[:, None, :]  # (P, 1, n): T[b, j]
-            for m in range(layer + 1, n_layers - 2):
-                direction = _propagate(xp, direction * derivatives[m][pair_b][:, None, :], weights[m + 1])
-                exact = xp.maximum(exact, _inverse_kink_radius(xp, direction, cache.pre[m + 1][pair_b])[:, 0])
-            bounded[pair_b, pair_j] = exact
+        if pair_b.size:
+            bounded[pair_b, pair_j] = _carried_inverse_radius(
+                xp,
+                cache,
+                derivatives,
+                weights,
+                plan,
+                layer,
+                rho,
+                pair_b,
+                inverse_radius[pair_b, pair_j],
+                slope[pair_b, pair_j][:, None] * W_next[pair_j],
+            )
         inverse_radius = bounded
     V = jacobians[layer][:, :, cols].transpose(0, 2, 1)  # (B, Jc, C)
+    if direction_series is not None:
+        coefficients, needed = direction_series(V, cache.probs, labels, rho, inverse_radius, h)
+        return coefficients, needed, inverse_radius
     spread = xp.abs(V - _label_component(xp, V, labels))
     widest = _max_over_classes(xp, spread)
     with _errstate(xp):
@@ -999,6 +1046,47 @@ def _piecewise_pair_series(xp, cache, derivatives, weights, labels, layer, cols,
     needed = _order_needed(xp, ratio, bound, h)
     order = _largest_order(xp, needed)
     return _loss_series(xp, cache.probs, labels, [V], order), needed, inverse_radius
+
+
+def _carried_inverse_radius(xp, cache, derivatives, weights, plan, layer, rho, pair_b, exact, direction):
+    """The inverse kink radius of the pairs (pair_b, j) whose bound did not clear rho: (P,).
+
+    exact: (P,) the unit's own and next-layer terms; direction: (P, n) = T_(layer+1) of each pair. The
+    direction is carried forward exactly, T_(m+1) = (D_m T_m) W_(m+1), taking the exact term of each
+    later layer. After each layer, a pair whose exact terms so far and the bound on every term still
+    ahead, sum_r |T_(m+1)[r]| max(N_(m+1), S_(m+1))[b, r] (the next-layer radii N and later bounds S of
+    the plan, the same inequality as _later_kink_bounds), stay below 1 / rho leaves the carry with that
+    bound: it has no triple past a kink either way, so only the pairs that do keep their exact radius.
+    """
+    _, next_radius, later_bounds = plan
+    n_layers = len(weights)
+    result = xp.empty_like(exact)
+    alive = xp.arange(exact.shape[0])
+    for m in range(layer + 1, n_layers - 2):
+        direction = (direction * derivatives[m][pair_b]) @ weights[m + 1]  # (P, n_(m+1)): T_(m+1)
+        z = cache.pre[m + 1]
+        magnitude = xp.abs(z)
+        with _errstate(xp):
+            inverse = xp.where(magnitude > 0, 1.0 / xp.where(magnitude > 0, magnitude, 1.0), 0.0)
+        size = xp.abs(direction)
+        exact = xp.maximum(exact, (size * inverse[pair_b]).max(axis=1))
+        at_zero = magnitude == 0
+        if bool(at_zero.any()):
+            touched = ((size > 0) & at_zero[pair_b]).any(axis=1)
+            exact = xp.where(touched, xp.inf, exact)
+        if m + 1 >= n_layers - 2:
+            break
+        ahead = xp.minimum(xp.maximum(next_radius[m + 1], later_bounds[m + 1]), _HUGE)
+        reach = xp.maximum(exact, (size * ahead[pair_b]).sum(axis=1))
+        done = rho[pair_b] * reach < 1
+        if bool(done.any()):
+            result[alive[done]] = reach[done]
+            keep = ~done
+            alive, pair_b, exact, direction = alive[keep], pair_b[keep], exact[keep], direction[keep]
+            if alive.size == 0:
+                return result
+    result[alive] = exact
+    return result
 
 
 def _smooth_pair_series(xp, cache, derivatives, weights, labels, activation, layer, cols, rho, h, moved_inputs):

@@ -672,10 +672,132 @@ def _output_feeding_series(cache, derivatives, weights, labels, activation, laye
     return list(out), needed.astype(np.float64), inverse_radius
 
 
+@njit(parallel=True, cache=True, error_model="numpy")
+def _next_layer_inverse_radius_loop(slope, w_abs, magnitude, out):
+    """out[b, j] = |slope[b, j]| max_q w_abs[j, q] / magnitude[b, q]; inf where some magnitude[b, q] = 0 meets
+    w_abs[j, q] > 0 with slope[b, j] != 0 (the terms and the zero test of kernels._generic's NumPy form)."""
+    batch, units = slope.shape
+    width = w_abs.shape[1]
+    for b in prange(batch):
+        inverse = np.empty(width)
+        zero = np.zeros(width, dtype=np.bool_)
+        for q in range(width):
+            if magnitude[b, q] > 0:
+                inverse[q] = 1.0 / magnitude[b, q]
+            else:
+                inverse[q] = 0.0
+                zero[q] = True
+        any_zero = False
+        for q in range(width):
+            any_zero = any_zero or zero[q]
+        for j in range(units):
+            s = abs(slope[b, j])
+            best = 0.0
+            for q in range(width):
+                best = max(best, w_abs[j, q] * inverse[q])
+            touched = False
+            if any_zero:
+                for q in range(width):
+                    touched = touched or (zero[q] and w_abs[j, q] > 0)
+            out[b, j] = math.inf if (touched and s != 0) else s * best
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _direction_needed(V, probs, labels, rho, inverse_radius, loss_radius, h, tail, max_order, needed):
+    """needed[b, j]: the order the relu/leaky bound asks for along V[b, j] (kernels._generic._piecewise_pair_series)."""
+    batch, units, classes = V.shape
+    for b in prange(batch):
+        t = labels[b]
+        for j in range(units):
+            vt = V[b, j, t]
+            widest = 0.0
+            for c in range(classes):
+                widest = max(widest, abs(V[b, j, c] - vt))
+            if widest == 0.0:
+                needed[b, j] = 1
+                continue
+            radius = loss_radius / widest
+            zeta = 0.0
+            for c in range(classes):
+                zeta += probs[b, c] * math.expm1(radius * abs(V[b, j, c] - vt))
+            bound = -math.log1p(-zeta)
+            inverse = inverse_radius[b, j]
+            reach = min(rho[b], 1.0 / inverse if inverse > 0 else math.inf)
+            needed[b, j] = _order_needed_scalar(reach / radius, bound, h, tail, max_order)
+
+
+@njit(parallel=True, **JIT)
+def _direction_coefficients(V, probs, labels, order, out):
+    """out[n - 1, b, j]: Taylor coefficient n of log sum_c p_c exp(u (V[b, j, c] - V[b, j, t])) (the cumulants)."""
+    batch, units, classes = V.shape
+    inverse = np.empty(order + 2)
+    for n in range(1, order + 2):
+        inverse[n] = 1.0 / n
+    for b in prange(batch):
+        t = labels[b]
+        spread = np.empty(classes)
+        term = np.empty(classes)
+        E = np.empty(order + 1)
+        phi = np.empty(order + 1)
+        for j in range(units):
+            vt = V[b, j, t]
+            for c in range(classes):
+                spread[c] = V[b, j, c] - vt
+                term[c] = probs[b, c] * spread[c]
+            for n in range(1, order + 1):
+                acc = 0.0
+                for c in range(classes):
+                    acc += term[c]
+                E[n] = acc
+                value = acc
+                for k in range(1, n):
+                    value -= (k * inverse[n]) * phi[k] * E[n - k]
+                phi[n] = value
+                out[n - 1, b, j] = value
+                if n < order:
+                    scale = inverse[n + 1]
+                    for c in range(classes):
+                        term[c] *= spread[c] * scale
+
+
+def _direction_series(V, probs, labels, rho, inverse_radius, h):
+    """Numba form of the relu/leaky loss series of kernels._generic._piecewise_pair_series: (coefficients, needed)."""
+    V = np.ascontiguousarray(V)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    needed = np.empty(V.shape[:2], dtype=np.int64)
+    _direction_needed(
+        V,
+        probs,
+        labels,
+        rho,
+        np.ascontiguousarray(inverse_radius),
+        g._LOSS_RADIUS,
+        h,
+        g.SERIES_TAIL,
+        g.SERIES_MAX_ORDER,
+        needed,
+    )
+    order = int(needed[needed <= g.SERIES_MAX_ORDER].max(initial=1))
+    out = np.empty((order,) + V.shape[:2])
+    _direction_coefficients(V, probs, labels, order, out)
+    return list(out), needed.astype(np.float64)
+
+
+def _next_layer_inverse_radius(slope, W_next, z):
+    """Numba form of kernels._generic._next_layer_inverse_radius (same values)."""
+    out = np.empty(slope.shape)
+    _next_layer_inverse_radius_loop(
+        np.ascontiguousarray(slope), np.ascontiguousarray(np.abs(W_next)), np.ascontiguousarray(np.abs(z)), out
+    )
+    return out
+
+
 _SERIES_OPS = g.Ops(
     xp=np,
     activation=activation_forward,
     set_losses=_set_losses_py,
     activation_with_derivative=_activation_with_derivative,
     output_feeding_series=_output_feeding_series,
+    next_layer_inverse_radius=_next_layer_inverse_radius,
+    direction_series=_direction_series,
 )
