@@ -9,6 +9,7 @@ parameters would take minutes; the sample keeps the module within ~30 s on two f
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import numpy as np
@@ -422,3 +423,86 @@ def test_kink_rows_match_the_naive_loop_through_the_public_api(backend):
         for name, want in reference.items():
             got = backend.to_numpy(kinks[name])
             assert np.array_equal(got, want), f"{method}/{name}: {got[:4].tolist()} vs naive {want[:4].tolist()}"
+
+
+# ---------------------------------------------------------------- relu kink radii: the bound and the pruned carry
+
+
+def _deep_relu_pass(depth, n_images, mnist_batch):
+    net = MultiLayerNet(784, [100] * depth, 10, activation="relu", seed=0)
+    x, t = mnist_batch[0][:n_images].astype(np.float64), mnist_batch[1][:n_images]
+    weights = [np.asarray(net.params[f"W{m}"]) for m in range(1, depth + 2)]
+    biases = [np.asarray(net.params[f"b{m}"]) for m in range(1, depth + 2)]
+    ops = g.Ops(
+        xp=np,
+        activation=None,
+        set_losses=None,
+        activation_with_derivative=functools.partial(g.activation_with_derivative, np),
+    )
+    cache, derivatives = g._series_forward(np, ops, weights, biases, x, t, "relu", 0.0)
+    return ops, cache, derivatives, weights
+
+
+def test_later_kink_bounds_bound_the_exact_carry(mnist_batch):
+    """S_l >= max over later layers m >= l + 2 of max_q |T_m| / |z_m|, T carried exactly for every pair."""
+    ops, cache, derivatives, weights = _deep_relu_pass(5, 20, mnist_batch)
+    next_radius = g._next_layer_radii(ops, cache, derivatives, weights)
+    bounds = g._later_kink_bounds(np, cache, derivatives, weights, next_radius)
+    n_layers = len(weights)
+    for layer in range(n_layers - 3):
+        T = derivatives[layer][:, :, None] * weights[layer + 1][None]  # T_(l+1)
+        exact = np.zeros_like(derivatives[layer])
+        for m in range(layer + 1, n_layers - 2):
+            T = g._propagate(np, T * derivatives[m][:, None, :], weights[m + 1])
+            exact = np.maximum(exact, g._inverse_kink_radius(np, T, cache.pre[m + 1]))
+        assert (bounds[layer] >= exact * (1 - 1e-12)).all(), f"layer {layer}: the bound is below the exact term"
+        assert (bounds[layer] > 0).any()
+
+
+@pytest.mark.parametrize("h", [1e-4, 1e-2])
+def test_pruned_carry_gives_the_same_bits_as_carrying_every_pair(backend, h, mnist_batch, monkeypatch):
+    """With the later bounds at +inf every pair is carried exactly to the last layer; the default path
+    (tighter bound, pairs dropped once cleared) must evaluate the same triples directly: same bits, same kinks."""
+    x, t = mnist_batch[0][:6], mnist_batch[1][:6]
+    net = MultiLayerNet(784, [100] * 5, 10, activation="relu", seed=0, backend=backend)
+    default_kinks, everything_kinks = {}, {}
+    default = net.numerical_gradient(backend.asarray(x), t, method="series", h=h, kinks=default_kinks)
+    monkeypatch.setattr(g, "_later_kink_bounds", lambda xp, cache, d, w, r: [xp.full_like(a, xp.inf) for a in d])
+    everything = net.numerical_gradient(backend.asarray(x), t, method="series", h=h, kinks=everything_kinks)
+    for name in default:
+        assert np.array_equal(backend.to_numpy(default[name]), backend.to_numpy(everything[name])), name
+        assert np.array_equal(backend.to_numpy(default_kinks[name]), backend.to_numpy(everything_kinks[name])), name
+
+
+def test_numba_radius_and_direction_series_match_the_numpy_forms():
+    """The compiled next-layer radius (zeros included: inf where a moved unit sits at z = 0) and the relu
+    loss series along a direction equal kernels._generic's NumPy forms."""
+    nk = pytest.importorskip("kernels.numba_kernels")
+    rng = np.random.default_rng(5)
+    slope = rng.standard_normal((7, 9)) * (rng.random((7, 9)) > 0.3)
+    W = rng.standard_normal((9, 11)) * (rng.random((9, 11)) > 0.2)
+    z = rng.standard_normal((7, 11)) * (rng.random((7, 11)) > 0.1)
+    want = g._next_layer_inverse_radius(np, slope, W, z)
+    assert np.isinf(want).any() and np.array_equal(nk._next_layer_inverse_radius(slope, W, z), want)
+    V = rng.standard_normal((7, 9, 4)) * 3.0
+    V[0, 0] = 0.0  # a direction that does not move the loss
+    probs = rng.dirichlet(np.ones(4), 7)
+    labels = rng.integers(0, 4, 7)
+    rho = np.full(7, 0.05)
+    inverse_radius = np.abs(rng.standard_normal((7, 9))) * 30
+    inverse_radius[1, 2] = np.inf
+    coefficients, needed = nk._direction_series(V, probs, labels, rho, inverse_radius, 1e-2)
+    spread = np.abs(V - np.take_along_axis(V, labels[:, None, None].repeat(9, 1), axis=2))
+    widest = spread.max(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        radius = np.where(widest > 0, g._LOSS_RADIUS / np.where(widest > 0, widest, 1.0), 0.0)
+        zeta = (np.expm1(radius[:, :, None] * spread) * probs[:, None, :]).sum(axis=2)
+        reach = np.minimum(rho[:, None], np.where(inverse_radius > 0, 1.0 / inverse_radius, np.inf))
+        ratio = np.where(widest > 0, reach / np.where(widest > 0, radius, 1.0), 0.0)
+    assert np.array_equal(needed, g._order_needed(np, ratio, -np.log1p(-zeta), 1e-2))
+    assert needed.max() > 1 and needed[0, 0] == 1
+    want = g._loss_series(np, probs, labels, [V], len(coefficients))
+    for n, (got_n, want_n) in enumerate(zip(coefficients, want, strict=True), start=1):
+        # the two forms sum the cumulant recurrence in different orders, which loses digits as the order
+        # grows (order 6 here: a few 1e-12 relative): the check is on the value, not the last bits
+        np.testing.assert_allclose(got_n, want_n, rtol=1e-10, atol=0, err_msg=f"order {n}")
