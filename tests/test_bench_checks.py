@@ -127,6 +127,24 @@ def test_flop_counts_follow_the_stated_formulas():
         "incremental", SEED_SIZES, batch
     )
     assert flops_per_call("series", SEED_SIZES, batch, orders=1) < flops_per_call("series", SEED_SIZES, batch)
+    # the seed net's series: the base pass with f', K = 3 terms per (sample, unit) and per (sample, class),
+    # and two odd-order GEMMs per layer (orders 1 and 3)
+    K, C, J = 3, 10, 50
+    seed_series = (
+        forward
+        + batch * J
+        + K * K * batch * C
+        + 2 * 2 * batch * J * C
+        + batch * J * (2 * K * C + K * K + K**3 / 3)
+        + 2 * 2 * batch * 784 * J
+    )
+    assert flops_per_call("series", SEED_SIZES, batch) == pytest.approx(seed_series, rel=1e-12)
+    # relu nets carry no coefficient vectors through the later layers (one backward Jacobian per layer):
+    # the count stays within a few backprops, where the forward carry of smooth nets costs ~100 of them
+    deep = [784, 100, 100, 100, 100, 10]
+    deep_backprop = flops_per_call("backprop", deep, batch)
+    assert flops_per_call("series", deep, batch, piecewise=True) < 4 * deep_backprop
+    assert flops_per_call("series", deep, batch) > 100 * deep_backprop
     with pytest.raises(ValueError, match="no FLOP count"):
         flops_per_call("magic", SEED_SIZES, batch)
 
