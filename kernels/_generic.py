@@ -1039,7 +1039,10 @@ def _piecewise_pair_series(xp, cache, derivatives, weights, labels, layer, cols,
     widest = _max_over_classes(xp, spread)
     with _errstate(xp):
         radius = xp.where(widest > 0, _LOSS_RADIUS / xp.where(widest > 0, widest, 1.0), 0.0)
-        zeta = _probability_weighted(xp, xp.expm1(radius[:, :, None] * spread), cache.probs)
+        # expm1(R |d|) <= R |d| / (2 ln 1.5) on R |d| <= ln 1.5 (its chord): zeta <= mean_p |d| / (2 max |d|)
+        zeta = xp.where(
+            widest > 0, 0.5 * _probability_weighted(xp, spread, cache.probs) / xp.where(widest > 0, widest, 1.0), 0.0
+        )
         bound = -xp.log1p(-zeta)  # |g(u) - g(0)| on |u| <= radius
         reach = xp.minimum(rho[:, None], xp.where(inverse_radius > 0, 1.0 / inverse_radius, xp.inf))
         ratio = xp.where(widest > 0, reach / xp.where(widest > 0, radius, 1.0), 0.0)

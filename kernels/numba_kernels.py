@@ -717,10 +717,10 @@ def _direction_needed(V, probs, labels, rho, inverse_radius, loss_radius, h, tai
                 needed[b, j] = 1
                 continue
             radius = loss_radius / widest
-            zeta = 0.0
+            spread = 0.0  # expm1(R |d|) <= R |d| / (2 ln 1.5) on R |d| <= ln 1.5: zeta <= mean_p |d| / (2 max |d|)
             for c in range(classes):
-                zeta += probs[b, c] * math.expm1(radius * abs(V[b, j, c] - vt))
-            bound = -math.log1p(-zeta)
+                spread += probs[b, c] * abs(V[b, j, c] - vt)
+            bound = -math.log1p(-(0.5 * spread / widest))
             inverse = inverse_radius[b, j]
             reach = min(rho[b], 1.0 / inverse if inverse > 0 else math.inf)
             needed[b, j] = _order_needed_scalar(reach / radius, bound, h, tail, max_order)

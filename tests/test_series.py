@@ -496,7 +496,9 @@ def test_numba_radius_and_direction_series_match_the_numpy_forms():
     widest = spread.max(axis=2)
     with np.errstate(divide="ignore", invalid="ignore"):
         radius = np.where(widest > 0, g._LOSS_RADIUS / np.where(widest > 0, widest, 1.0), 0.0)
-        zeta = (np.expm1(radius[:, :, None] * spread) * probs[:, None, :]).sum(axis=2)
+        zeta = np.where(
+            widest > 0, 0.5 * (spread * probs[:, None, :]).sum(axis=2) / np.where(widest > 0, widest, 1.0), 0.0
+        )
         reach = np.minimum(rho[:, None], np.where(inverse_radius > 0, 1.0 / inverse_radius, np.inf))
         ratio = np.where(widest > 0, reach / np.where(widest > 0, radius, 1.0), 0.0)
     assert np.array_equal(needed, g._order_needed(np, ratio, -np.log1p(-zeta), 1e-2))
