@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import _generic as g
+from kernels import GradientProblem, xp_kernels
 from nets import MultiLayerNet, TwoLayerNet
 from nets.gradient import numerical_gradient
 from nets.optimizers import SGD
@@ -104,20 +104,21 @@ def assert_close_at(got, reference, picks, context):
     assert not problems, f"{context}: not within {ATOL} of the naive loop\n  " + "\n  ".join(problems)
 
 
-def kernel_args(net, x, t, backend=None):
-    """The kernels' positional arguments (weights, biases, x, labels, activation, alpha) on ``backend``."""
+def kernel_args(net, x, t, weight_decay, h, backend=None):
+    """The kernels' positional arguments (GradientProblem, x, labels) on ``backend``."""
     to = np.asarray if backend is None else backend.asarray
     n = net.n_layers
     weights = [to(np.asarray(net.params[f"W{m}"], dtype=np.float64)) for m in range(1, n + 1)]
     biases = [to(np.asarray(net.params[f"b{m}"], dtype=np.float64)) for m in range(1, n + 1)]
-    return weights, biases, to(np.asarray(x, dtype=np.float64)), to(np.asarray(t)), net.activation, net.alpha
+    problem = GradientProblem(weights, biases, net.activation, net.alpha, weight_decay, h)
+    return problem, to(np.asarray(x, dtype=np.float64)), to(np.asarray(t))
 
 
 def kink_entries(net, x, t, h, limit=6):
     """A few entries per array whose perturbation crosses a kink (the series kernel's diagnostics; they
     equal the incremental kernel's, see test_series_and_incremental_report_the_same_entries)."""
     kinks = {}
-    net.backend.kernels.numerical_gradient_series(*kernel_args(net, x, t), 0.0, h, kinks=kinks)
+    net.backend.kernels.numerical_gradient_series(*kernel_args(net, x, t, 0.0, h), kinks=kinks)
     return {name: rows[:limit, 0] for name, rows in kinks.items() if rows.shape[0]}
 
 
@@ -236,7 +237,7 @@ class DirectCounter:
 
     def __init__(self):
         self.triples = 0
-        self.real = g._direct_differences
+        self.real = xp_kernels._direct_differences
 
     def __call__(self, *args, **kwargs):
         self.triples += int(args[8].size)
@@ -249,8 +250,8 @@ def test_forced_fallback_is_still_the_naive_central_difference(backend, activati
     net, x, t = small_problem(activation, 1e-2)
     reference = full_naive(net, x, t, 1e-2)
     counter = DirectCounter()
-    monkeypatch.setattr(g, "SERIES_MAX_ORDER", 1)
-    monkeypatch.setattr(g, "_direct_differences", counter)
+    monkeypatch.setattr(xp_kernels, "SERIES_MAX_ORDER", 1)
+    monkeypatch.setattr(xp_kernels, "_direct_differences", counter)
     other = MultiLayerNet(
         15, [8, 7, 6], 4, activation=activation, weight_init_std=0.5, weight_decay_lambda=0.02, seed=3, backend=backend
     )
@@ -268,8 +269,8 @@ def test_tiny_tail_budget_forces_the_fallback_on_the_seed_net(backend, monkeypat
     picks = sample_entries(reference_net, x)
     reference = naive_at(reference_net, x, t, picks, 1e-4)
     counter = DirectCounter()
-    monkeypatch.setattr(g, "SERIES_TAIL", 0.0)
-    monkeypatch.setattr(g, "_direct_differences", counter)
+    monkeypatch.setattr(xp_kernels, "SERIES_TAIL", 0.0)
+    monkeypatch.setattr(xp_kernels, "_direct_differences", counter)
     net = make_net("seed", backend=backend)
     got = net.numerical_gradient(backend.asarray(x), t, method="series")
     assert counter.triples == int(np.count_nonzero(x)) * 50 + 10 * 50  # every moved input and the bias, every unit
@@ -316,7 +317,7 @@ def planted_relu_problem():
 def test_kinks_name_the_planted_sample_and_unit(backend, method):
     net, x, t = planted_relu_problem()
     kinks = {}
-    getattr(backend.kernels, f"numerical_gradient_{method}")(*kernel_args(net, x, t, backend), 0.02, 1e-4, kinks=kinks)
+    getattr(backend.kernels, f"numerical_gradient_{method}")(*kernel_args(net, x, t, 0.02, 1e-4, backend), kinks=kinks)
     kinks = {name: backend.to_numpy(rows) for name, rows in kinks.items()}
     assert set(kinks) == set(net.params)
     for name, rows in kinks.items():
@@ -333,11 +334,11 @@ def test_kinks_name_the_planted_sample_and_unit(backend, method):
 
 def test_series_and_incremental_report_the_same_entries(backend):
     net, x, t = planted_relu_problem()
-    args = kernel_args(net, x, t, backend)
+    args = kernel_args(net, x, t, 0.02, 1e-4, backend)
     found = {}
     for method in ("incremental", "series"):
         kinks = {}
-        getattr(backend.kernels, f"numerical_gradient_{method}")(*args, 0.02, 1e-4, kinks=kinks)
+        getattr(backend.kernels, f"numerical_gradient_{method}")(*args, kinks=kinks)
         found[method] = {name: set(backend.to_numpy(rows)[:, 0].tolist()) for name, rows in kinks.items()}
     assert found["incremental"] == found["series"]
     assert sum(len(v) for v in found["series"].values()) > 0
@@ -348,7 +349,7 @@ def test_series_and_incremental_report_the_same_entries(backend):
 def test_smooth_nets_have_no_kinks(backend, method, activation):
     net, x, t = small_problem(activation, 1e-4)
     kinks = {}
-    getattr(backend.kernels, f"numerical_gradient_{method}")(*kernel_args(net, x, t, backend), 0.0, 1e-4, kinks=kinks)
+    getattr(backend.kernels, f"numerical_gradient_{method}")(*kernel_args(net, x, t, 0.0, 1e-4, backend), kinks=kinks)
     assert set(kinks) == set(net.params)
     for name, rows in kinks.items():
         rows = backend.to_numpy(rows)
@@ -397,9 +398,8 @@ def test_a_user_defined_activation_is_evaluated_directly(backend):
 
     params = list(zip(weights, biases, strict=True))
     to = backend.asarray
-    dWs, dbs = backend.kernels.numerical_gradient_series(
-        [to(W) for W in weights], [to(b) for b in biases], to(x), to(t), softplus, 0.01, 0.0, 1e-3
-    )
+    problem = GradientProblem([to(W) for W in weights], [to(b) for b in biases], softplus, 0.01, 0.0, 1e-3)
+    dWs, dbs = backend.kernels.numerical_gradient_series(problem, to(x), to(t))
     for m in range(3):
         for array, got in ((weights[m], dWs[m]), (biases[m], dbs[m])):
             want = numerical_gradient(lambda _a, params=params: loss_of(params), array, 1e-3)
