@@ -44,8 +44,8 @@ def seed_twin(reference):
     return TwoLayerNet(*SEED_SIZES, seed=0, backend=reference.name)
 
 
-def peer_group(kind: str, n_sampled: int | None) -> str:
-    label = f"peers {kind} 784-50-10 B={SEED_BATCH} float64"
+def peer_group(method: str, n_sampled: int | None) -> str:
+    label = f"peers {method} 784-50-10 B={SEED_BATCH} float64"
     return label if n_sampled is None else f"{label} on {n_sampled} params"
 
 

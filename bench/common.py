@@ -411,16 +411,16 @@ def values_at(grads: dict[str, Array], sample: Sequence[ParamIndex]) -> np.ndarr
     return np.array([host[name][idx] for name, idx in sample], dtype=np.float64)
 
 
-def _plain_activation(kind: str, z: np.ndarray, alpha: float) -> np.ndarray:
-    if kind == "relu":
+def _plain_activation(activation: str, z: np.ndarray, alpha: float) -> np.ndarray:
+    if activation == "relu":
         return np.maximum(z, 0.0)
-    if kind == "leaky_relu":
+    if activation == "leaky_relu":
         return np.where(z > 0, z, alpha * z)
-    if kind == "sigmoid":
+    if activation == "sigmoid":
         return 0.5 * (1.0 + np.tanh(0.5 * z))
-    if kind == "tanh":
+    if activation == "tanh":
         return np.tanh(z)
-    raise ValueError(f"no plain NumPy form for activation {kind!r}")
+    raise ValueError(f"no plain NumPy form for activation {activation!r}")
 
 
 def independent_differences(net: Any, x: np.ndarray, t: np.ndarray, sample: Sequence[ParamIndex], h: float = STEP):
@@ -872,8 +872,8 @@ def warm_up(backend: Backend) -> None:
                 for method in methods:
                     net.numerical_gradient(xb, tb, method=method)
         kernels = backend.kernels
-        for kind in ("sigmoid", "relu"):
-            kernels.activation_backward(kind, xb, xb, kernels.activation_forward(kind, xb))
+        for activation in ("sigmoid", "relu"):
+            kernels.activation_backward(activation, xb, xb, kernels.activation_forward(activation, xb))
         kernels.softmax_cross_entropy_backward(kernels.softmax_cross_entropy(sb, tb)[1], tb)
         W = backend.asarray(rng.random((6, 3)), dtype=dtype)
         for need_dx in (False, True):

@@ -63,12 +63,12 @@ def profile(repeat: int) -> tuple[list[dict], dict]:
     import cupy
 
     from backends import get_backend
-    from kernels import _generic as g
+    from kernels import xp_kernels
     from nets import TwoLayerNet
 
     be = get_backend("cupy")
-    k = be.kernels
-    bp = k._backprop
+    kernels = be.kernels
+    backprop = kernels._backprop
     data = load_data(SEED_BATCH)
     device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
     info = {
@@ -76,8 +76,8 @@ def profile(repeat: int) -> tuple[list[dict], dict]:
         "cupy": cupy.__version__,
         "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
         "data": data.source,
-        "fused_backprop": bool(k._FUSED_BACKPROP),
-        "raw_cublas": bool(k._RAW_CUBLAS),
+        "fused_backprop": bool(kernels._FUSED_BACKPROP),
+        "raw_cublas": bool(kernels._RAW_CUBLAS),
     }
     net = TwoLayerNet(*SEED_SIZES, seed=0, backend="cupy")
     x, t = data.on(be)
@@ -92,46 +92,49 @@ def profile(repeat: int) -> tuple[list[dict], dict]:
     _timed_piece(
         rows,
         "fused forward: 2 GEMMs + bias/activation kernel",
-        lambda: bp.forward(weights, biases, x, act, alpha, k._RAW_CUBLAS),
+        lambda: backprop.forward(weights, biases, x, act, alpha, kernels._RAW_CUBLAS),
         repeat,
     )
     try:
-        inputs, slopes, scores = bp.forward(weights, biases, x, act, alpha, k._RAW_CUBLAS)
+        inputs, slopes, scores = backprop.forward(weights, biases, x, act, alpha, kernels._RAW_CUBLAS)
         scratch = scores.copy()  # the loss kernel works in place: same work on every repeat
         _timed_piece(
             rows,
             "fused loss: softmax + CE + dscores + db2 (1 kernel)",
-            lambda: bp.loss_and_dscores(scratch, biases[1], t),
+            lambda: backprop.loss_and_dscores(scratch, biases[1], t),
             repeat,
         )
-        _, db_last = bp.loss_and_dscores(scores, biases[1], t)
+        _, db_last = backprop.loss_and_dscores(scores, biases[1], t)
         _timed_piece(
             rows,
             "fused backward: 3 GEMMs + scale/column-sum kernel",
-            lambda: bp.backward(weights, inputs, slopes, scores, db_last, k._RAW_CUBLAS),
+            lambda: backprop.backward(weights, inputs, slopes, scores, db_last, kernels._RAW_CUBLAS),
             repeat,
         )
     except Exception as err:
         rows.append({"piece": "fused pieces", "error": f"{type(err).__name__}: {err}"})
 
     def whole() -> Any:
-        return k.network_gradient(weights, biases, x, t, act, alpha)
+        return kernels.network_gradient(weights, biases, x, t, act, alpha)
 
     _timed_piece(rows, "kernels.network_gradient (fused, raw cuBLAS)", whole, repeat)
     _timed_piece(
-        rows, "kernels.network_gradient (fused, cupy.matmul)", _switched(k, {"_RAW_CUBLAS": False}, whole), repeat
+        rows, "kernels.network_gradient (fused, cupy.matmul)", _switched(kernels, {"_RAW_CUBLAS": False}, whole), repeat
     )
     _timed_piece(
         rows,
         "kernels.network_gradient (generic, _FUSED_BACKPROP=False)",
-        _switched(k, {"_FUSED_BACKPROP": False}, whole),
+        _switched(kernels, {"_FUSED_BACKPROP": False}, whole),
         repeat,
     )
     _timed_piece(
         rows, "net.gradient(x, t): whole call, float64 B=100", lambda: net.gradient(x, t), repeat, note="target 150 us"
     )
     _timed_piece(
-        rows, "net.gradient, generic path", _switched(k, {"_FUSED_BACKPROP": False}, lambda: net.gradient(x, t)), repeat
+        rows,
+        "net.gradient, generic path",
+        _switched(kernels, {"_FUSED_BACKPROP": False}, lambda: net.gradient(x, t)),
+        repeat,
     )
     _timed_piece(rows, "net.loss(x, t) (forward + float(): one sync)", lambda: net.loss(x, t), repeat)
     try:
@@ -173,11 +176,11 @@ def profile(repeat: int) -> tuple[list[dict], dict]:
         x_used = cupy.ascontiguousarray(x64[:, active])
         W1_used = cupy.ascontiguousarray(weights[0][active])
         w64 = [W1_used, weights[1]]
-        chunk_bytes = k._chunk_bytes()
-        chunk_args = (k._OPS, w64, biases, x_used, t, act, alpha, 0, "W", W1_used, 1e-4, chunk_bytes)
+        chunk_bytes = kernels._chunk_bytes()
+        chunk_args = (kernels._OPS, w64, biases, x_used, t, act, alpha, 0, "W", W1_used, 1e-4, chunk_bytes)
 
         def chunks() -> int:
-            return sum(1 for _ in g._batched_chunks(*chunk_args))
+            return sum(1 for _ in xp_kernels._batched_chunks(*chunk_args))
 
         n_chunks = chunks()
         _timed_piece(rows, f"batched: W1's {n_chunks} chunks alone ({W1_used.size} params)", chunks, 3, warmup=1)

@@ -12,7 +12,7 @@ device was found). For an L-layer net with a built-in activation one call is
 
 that is 2 L + (L - 1) cuBLAS GEMMs and L custom launches (8 launches for a two-layer net), no
 host synchronisation, no atomics: repeated calls are bit-identical. The arithmetic follows
-kernels._generic.network_gradient operation by operation (same formulas, products and sums
+kernels.xp_kernels.network_gradient operation by operation (same formulas, products and sums
 rounded apart: ``--fmad=false``), so float64 results agree with the NumPy reference to the
 last few bits; sums are accumulated in float64 for float32 nets too.
 
@@ -44,24 +44,24 @@ SUM_COLS, SUM_ROWS = 32, 16  # block of the column-sum kernel: 32 columns x 16 r
 ACT_THREADS = 256
 
 _SOURCE = r"""
-// Bias, activation and its derivative, as kernels._generic.activation_with_derivative computes them.
+// Bias, activation and its derivative, as kernels.xp_kernels.activation_with_derivative computes them.
 template <typename F>
-__device__ __forceinline__ void gg_value_and_slope(int kind, F a, F alpha, F* value, F* slope) {
-    if (kind == GG_SIGMOID) {  // e = exp(-|a|), r = 1/(1+e): f = r or e r, f' = e r r
+__device__ __forceinline__ void gg_value_and_slope(int code, F a, F alpha, F* value, F* slope) {
+    if (code == GG_SIGMOID) {  // e = exp(-|a|), r = 1/(1+e): f = r or e r, f' = e r r
         const F e = exp(-fabs(a));
         const F r = F(1) / (e + F(1));
         const F q = e * r;
         *value = a < F(0) ? q : r;
         *slope = q * r;
-    } else if (kind == GG_TANH) {  // f' = 4 e r r with e = exp(-2|a|), r = 1/(1+e)
+    } else if (code == GG_TANH) {  // f' = 4 e r r with e = exp(-2|a|), r = 1/(1+e)
         const F e = exp(F(-2) * fabs(a));
         const F r = F(1) / (e + F(1));
         *value = tanh(a);
         *slope = ((e * r) * r) * F(4);
-    } else if (kind == GG_RELU) {
+    } else if (code == GG_RELU) {
         *value = a < F(0) ? F(0) : a;
         *slope = a > F(0) ? F(1) : F(0);
-    } else if (kind == GG_LEAKY_RELU) {
+    } else if (code == GG_LEAKY_RELU) {
         *value = a > F(0) ? a : a * alpha;
         *slope = a > F(0) ? F(1) : alpha;
     } else {  // not a code: NaN, never a wrong activation
@@ -72,12 +72,12 @@ __device__ __forceinline__ void gg_value_and_slope(int kind, F a, F alpha, F* va
 
 // a (n = rows * cols, C order) += bias[col]; then a = f(a), slope = f'(a): one thread per element.
 template <typename F>
-__global__ void gg_bias_activation(F* a, const F* bias, F* slope, long long n, int cols, int kind, F alpha) {
+__global__ void gg_bias_activation(F* a, const F* bias, F* slope, long long n, int cols, int code, F alpha) {
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= n) return;
     const F pre = a[i] + bias[i % cols];
     F value, derivative;
-    gg_value_and_slope(kind, pre, alpha, &value, &derivative);
+    gg_value_and_slope(code, pre, alpha, &value, &derivative);
     a[i] = value;
     slope[i] = derivative;
 }
@@ -165,7 +165,7 @@ KERNEL_NAMES = tuple(
 
 def source() -> str:
     """The CUDA source of the fused kernels, with its constants defined (also what tests compile)."""
-    defines = [f"#define GG_{kind.upper()} {code}" for kind, code in ACTIVATION_CODES.items()]
+    defines = [f"#define GG_{name.upper()} {code}" for name, code in ACTIVATION_CODES.items()]
     defines += [
         f"#define GG_XENT_BLOCK {XENT_BLOCK}",
         f"#define GG_SUM_COLS {SUM_COLS}",
@@ -261,7 +261,7 @@ def forward(weights: list, biases: list, x: Array, activation: str, alpha: float
     of hidden layer m, scores (B, C) = inputs[-1] @ W_L *without* the last bias (the output kernel adds it)."""
     dtype = x.dtype
     batch = x.shape[0]
-    kind, slope_alpha = np.int32(ACTIVATION_CODES[activation]), dtype.type(alpha)
+    code, slope_alpha = np.int32(ACTIVATION_CODES[activation]), dtype.type(alpha)
     inputs, slopes = [x], []
     for W, b in zip(weights[:-1], biases[:-1], strict=True):
         a = cupy.empty((batch, W.shape[1]), dtype=dtype)
@@ -271,7 +271,7 @@ def forward(weights: list, biases: list, x: Array, activation: str, alpha: float
         _kernel("gg_bias_activation", dtype)(
             ((n + ACT_THREADS - 1) // ACT_THREADS,),
             (ACT_THREADS,),
-            (a, b, slope, np.int64(n), np.int32(W.shape[1]), kind, slope_alpha),
+            (a, b, slope, np.int64(n), np.int32(W.shape[1]), code, slope_alpha),
         )
         inputs.append(a)
         slopes.append(slope)

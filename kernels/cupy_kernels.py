@@ -19,9 +19,8 @@ from typing import Any
 import cupy
 import numpy as np
 
-from kernels import LEAKY_SLOPE
+from kernels import LEAKY_SLOPE, GradientProblem, xp_kernels
 from kernels import _cupy_backprop as _backprop
-from kernels import _generic as g
 from kernels.activations import ACTIVATION_CODES, Activation
 
 Array = Any  # cupy.ndarray
@@ -47,15 +46,15 @@ template <typename F> __device__ __forceinline__ F gg_sigmoid(F x) {
     return x >= F(0) ? F(1) / (F(1) + e) : e / (F(1) + e);
 }
 template <typename F> __device__ __forceinline__ F gg_leaky_relu(F x, F alpha) { return x > F(0) ? x : x * alpha; }
-__device__ __forceinline__ double gg_activation(int kind, double x, double alpha) {
-    switch (kind) {  // codes: kernels.activations.ACTIVATION_CODES
+__device__ __forceinline__ double gg_activation(int code, double x, double alpha) {
+    switch (code) {  // codes: kernels.activations.ACTIVATION_CODES
 GG_ACTIVATION_CASES
         default: return __longlong_as_double(0x7ff8000000000000LL);  // not a code: NaN, never a wrong activation
     }
 }
 """.replace(
     "GG_ACTIVATION_CASES",
-    "\n".join(f"        case {ACTIVATION_CODES[kind]}: return {call};" for kind, call in _ACTIVATION_CALLS.items()),
+    "\n".join(f"        case {ACTIVATION_CODES[name]}: return {call};" for name, call in _ACTIVATION_CALLS.items()),
 )
 
 _RAW_SOURCE = r"""
@@ -156,7 +155,7 @@ __device__ __forceinline__ double gg_output_change(double dz, const double* w, c
 // batch is summed in order. pre, act_out: (batch, n_out) pre-activation and activation of the base pass.
 __global__ void gg_hidden_to_output_diff(const double* z_in, const double* pre, const double* act_out,
                                          const double* w_next, const double* probs, const long long* labels,
-                                         double* grad, int batch, int n_in, int n_out, int n_classes, int kind,
+                                         double* grad, int batch, int n_in, int n_out, int n_classes, int code,
                                          double alpha, double h, double denom) {
     const long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (k >= (long long)(n_in + 1) * n_out) return;
@@ -169,8 +168,8 @@ __global__ void gg_hidden_to_output_diff(const double* z_in, const double* pre, 
         const double step = h * input;
         const double a = pre[(long long)b * n_out + j], y = act_out[(long long)b * n_out + j];
         const double* p = probs + (long long)b * n_classes;
-        const double dz_plus = gg_activation(kind, a + step, alpha) - y;
-        const double dz_minus = gg_activation(kind, a + (-step), alpha) - y;
+        const double dz_plus = gg_activation(code, a + step, alpha) - y;
+        const double dz_minus = gg_activation(code, a + (-step), alpha) - y;
         acc += gg_output_change(dz_plus, w, p, labels[b], n_classes)
                - gg_output_change(dz_minus, w, p, labels[b], n_classes);
     }
@@ -226,8 +225,8 @@ def _elementwise(in_params: str, out_params: str, operation: str, name: str) -> 
 
 
 _FORWARD = {
-    kind: _elementwise("T x, float64 alpha", "T y", operation, f"gradgap_{kind}_forward")
-    for kind, operation in {
+    activation: _elementwise("T x, float64 alpha", "T y", operation, f"gradgap_{activation}_forward")
+    for activation, operation in {
         "relu": "y = gg_relu(x)",
         "sigmoid": "y = gg_sigmoid(x)",
         "tanh": "y = tanh(x)",
@@ -237,8 +236,8 @@ _FORWARD = {
 # From x, as the reference computes them: sigmoid' = e / (1 + e)^2 with e = exp(-|x|) and
 # tanh' = 4 e / (1 + e)^2 with e = exp(-2|x|), so that no 1 - y cancels where the unit saturates.
 _BACKWARD = {
-    kind: _elementwise("T dout, T x, T y, float64 alpha", "T dx", operation, f"gradgap_{kind}_backward")
-    for kind, operation in {
+    activation: _elementwise("T dout, T x, T y, float64 alpha", "T dx", operation, f"gradgap_{activation}_backward")
+    for activation, operation in {
         "relu": "dx = x > T(0) ? dout : T(0)",
         "sigmoid": "const T e = exp(-fabs(x)); dx = dout * (e / ((T(1) + e) * (T(1) + e)))",
         "tanh": "const T e = exp(T(-2) * fabs(x)); dx = dout * (T(4) * e / ((T(1) + e) * (T(1) + e)))",
@@ -284,25 +283,27 @@ def _custom_derivative(activation: Activation, x: Array) -> Array:
     return cupy.asarray(form(x), dtype=x.dtype)
 
 
-def activation_forward(kind: str | Activation, x: Array, alpha: float = LEAKY_SLOPE) -> Array:
-    """Elementwise activation ``kind`` of x (any shape, float32/float64): one kernel launch for a built-in."""
-    if not isinstance(kind, str):
-        return _custom_forward(kind, x)
-    return _FORWARD[kind](x, alpha)
+def activation_forward(activation: str | Activation, x: Array, alpha: float = LEAKY_SLOPE) -> Array:
+    """Elementwise ``activation`` of x (any shape, float32/float64): one kernel launch for a built-in."""
+    if not isinstance(activation, str):
+        return _custom_forward(activation, x)
+    return _FORWARD[activation](x, alpha)
 
 
-def activation_backward(kind: str | Activation, dout: Array, x: Array, y: Array, alpha: float = LEAKY_SLOPE) -> Array:
+def activation_backward(
+    activation: str | Activation, dout: Array, x: Array, y: Array, alpha: float = LEAKY_SLOPE
+) -> Array:
     """dL/dx from dL/dy = dout for y = activation(x): one kernel launch for a built-in."""
-    if not isinstance(kind, str):
-        return dout * _custom_derivative(kind, x)
-    return _BACKWARD[kind](dout, x, y, alpha)
+    if not isinstance(activation, str):
+        return dout * _custom_derivative(activation, x)
+    return _BACKWARD[activation](dout, x, y, alpha)
 
 
-def _activation_with_derivative(kind: str | Activation, a: Array, alpha: float) -> tuple[Array, Array]:
+def _activation_with_derivative(activation: str | Activation, a: Array, alpha: float) -> tuple[Array, Array]:
     """(f(a), f'(a)) for backprop: the generic sweep for a built-in, the Activation's forms otherwise."""
-    if not isinstance(kind, str):
-        return _custom_forward(kind, a), _custom_derivative(kind, a)
-    return g.activation_with_derivative(cupy, kind, a, alpha)
+    if not isinstance(activation, str):
+        return _custom_forward(activation, a), _custom_derivative(activation, a)
+    return xp_kernels.activation_with_derivative(cupy, activation, a, alpha)
 
 
 def softmax(scores: Array) -> Array:
@@ -322,7 +323,7 @@ def softmax_cross_entropy(scores: Array, target: Array) -> tuple[Array, Array]:
     targets, which nets never pass (they hand labels down), use the generic array expression.
     """
     if target.ndim != 1:
-        return g.softmax_cross_entropy(cupy, scores, target)
+        return xp_kernels.softmax_cross_entropy(_OPS, scores, target)
     scores = cupy.ascontiguousarray(scores)
     probs = cupy.empty_like(scores)
     loss = cupy.empty((), dtype=scores.dtype)
@@ -335,7 +336,7 @@ def softmax_cross_entropy(scores: Array, target: Array) -> tuple[Array, Array]:
 def softmax_cross_entropy_backward(probs: Array, target: Array, dout: float = 1.0) -> Array:
     """dscores = dout * (probs - onehot(target)) / B, (B, C) in probs' dtype: one launch for labels."""
     if target.ndim != 1:
-        return g.softmax_cross_entropy_backward(cupy, probs, target, dout)
+        return xp_kernels.softmax_cross_entropy_backward(_OPS, probs, target, dout)
     n_classes = probs.shape[1]
     return _XENT_BACKWARD(probs, _labels(target), n_classes, float(dout) / probs.shape[0])
 
@@ -356,12 +357,12 @@ def _set_losses(scores: Array, labels: Array) -> Array:
     return _row_losses(scores.reshape(batch * sets, n_classes), labels, repeat=sets).reshape(batch, sets).mean(axis=0)
 
 
-_OPS = g.Ops(
+_OPS = xp_kernels.Ops(
     xp=cupy,
     activation=activation_forward,
     set_losses=_set_losses,
     activation_with_derivative=_activation_with_derivative,
-    softmax_cross_entropy_gradient=functools.partial(g.softmax_cross_entropy_gradient, cupy),
+    softmax_cross_entropy_gradient=functools.partial(xp_kernels.softmax_cross_entropy_gradient, cupy),
 )
 
 
@@ -383,7 +384,7 @@ def network_gradient(
     """
     if _FUSED_BACKPROP and _backprop.fusable(weights, biases, x, labels, activation):
         return _backprop.network_gradient(weights, biases, x, labels, activation, alpha, raw=_RAW_CUBLAS)
-    return g.network_gradient(cupy, _OPS, weights, biases, x, labels, activation, alpha)
+    return xp_kernels.network_gradient(_OPS, weights, biases, x, labels, activation, alpha)
 
 
 def _chunk_bytes() -> int:
@@ -400,97 +401,96 @@ def _chunk_bytes() -> int:
 
 
 def numerical_gradient_batched(
-    weights: list[Array],
-    biases: list[Array],
+    problem: GradientProblem,
     x: Array,
     labels: Array,
-    activation: str,
-    alpha: float,
-    weight_decay: float,
-    h: float,
     progress: Callable[[int], None] | None = None,
-) -> tuple[list[Array], list[Array]]:
+    kinks: None = None,
+    select: tuple[int, int, int] | None = None,
+) -> tuple[list[Array], list[Array]] | tuple[Array, Array]:
     """Brute force on the device: a chunk of perturbed parameter sets per GEMM (one batched GEMM for a
-    deeper layer), the chunk sized from free device memory. float64 (dWs, dbs)."""
-    args = (weights, biases, x, _labels(labels), activation, alpha, weight_decay, h, progress)
-    return g.numerical_gradient_batched(_OPS, *args, chunk_bytes=_chunk_bytes())
+    deeper layer), the chunk sized from free device memory. float64 (dWs, dbs).
+
+    select: the chunks that hold a selected entry (kernels.xp_kernels.numerical_gradient_batched)."""
+    args = (problem, x, _labels(labels), progress, kinks, select)
+    return xp_kernels.numerical_gradient_batched(_OPS, *args, chunk_bytes=_chunk_bytes())
 
 
 def numerical_gradient_incremental(
-    weights: list[Array],
-    biases: list[Array],
+    problem: GradientProblem,
     x: Array,
     labels: Array,
-    activation: str,
-    alpha: float,
-    weight_decay: float,
-    h: float,
     progress: Callable[[int], None] | None = None,
     kinks: dict | None = None,
-) -> tuple[list[Array], list[Array]]:
+    select: tuple[int, int, int] | None = None,
+) -> tuple[list[Array], list[Array]] | tuple[Array, Array]:
     """Exact central differences, recomputing only what each perturbation changes. float64 (dWs, dbs).
 
     The last layer and the hidden layer that feeds it take one launch each, a thread per parameter
     that sums over the batch in order; a deeper layer recomputes the rest of the pass for its
     changed (input, sample) pairs, a chunk of units at a time, and sums each input's pairs in order.
     No atomics: repeated calls are bit-identical. ``kinks``: see kernels/__init__ (device arrays).
+
+    select: a deeper layer computes only its chunks of units that hold a selected column (the same
+    chunks as the full call, sized by the same budget, so the same GEMM shapes and bits); the last
+    two layers (one cheap launch each) are computed whole and sliced.
     """
     labels = _labels(labels)
+    weights, biases, activation = problem.weights, problem.biases, problem.activation
+    alpha, h = problem.alpha, problem.h
     if not isinstance(activation, str):  # a user-defined Activation: the generic loop calls its forms
-        return g.numerical_gradient_incremental(
-            _OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
-        )
-    cache = g.forward_cache(cupy, _OPS, weights, biases, x, labels, activation, alpha)
+        return xp_kernels.numerical_gradient_incremental(_OPS, problem, x, labels, progress, kinks, select)
+    layers, columns = xp_kernels.selection(select, weights)
+    chosen = slice(None) if columns is None else columns
+    cache = xp_kernels.forward_cache(cupy, _OPS, weights, biases, x, labels, activation, alpha)
     n_layers = len(weights)
     denom = np.float64(2 * h * x.shape[0])
     chunk_bytes = _chunk_bytes()
-    detect = kinks is not None and activation in g._KINKED
+    detect = kinks is not None and activation in xp_kernels._KINKED
     dWs, dbs = [], []
-    for layer in range(n_layers):
+    for layer in layers:
         crossings = [] if detect else None
         if layer == n_layers - 1:
-            grad = _last_layer_differences(cache, labels, h, denom)
+            grad = _last_layer_differences(cache, labels, h, denom)[:, chosen]
         elif layer == n_layers - 2:
             grad = _hidden_to_output_differences(cache, weights[-1], labels, activation, alpha, h, denom, layer)
+            grad = grad[:, chosen]
             if detect:
-                crossings.append(g._unit_crossing_rows(cupy, cache, h, layer))
+                crossings.append(xp_kernels._unit_crossing_rows(cupy, cache, h, layer))
         else:
             grad = _deep_layer_differences(
-                cache, weights, biases, labels, activation, alpha, h, layer, chunk_bytes, crossings
-            )
+                cache, weights, biases, labels, activation, alpha, h, layer, chunk_bytes, crossings, columns
+            )[:, chosen]
             grad /= denom
         dW, db = grad[:-1], grad[-1]
-        dW += g._decay_difference(cupy, weights[layer], weight_decay, h)
+        dW += xp_kernels._decay_difference(cupy, weights[layer][:, chosen], problem.weight_decay, h)
         dWs.append(dW)
         dbs.append(db)
         if kinks is not None:
-            rows = g._first_row_per_entry(cupy, cupy.concatenate(crossings)) if crossings else g._kink_rows(cupy)
-            g._store_kinks(cupy, kinks, layer, rows, weights[layer].size)
+            rows = xp_kernels._kink_rows(cupy)
+            if crossings:
+                rows = xp_kernels._first_row_per_entry(cupy, cupy.concatenate(crossings))
+            xp_kernels._record_kinks(cupy, kinks, layer, rows, weights[layer], columns)
         if progress is not None:
-            progress(weights[layer].size + biases[layer].size)
-    return dWs, dbs
+            progress(xp_kernels._n_selected(weights[layer], columns))
+    return xp_kernels._selected_result(cupy, dWs, dbs, columns)
 
 
 def numerical_gradient_series(
-    weights: list[Array],
-    biases: list[Array],
+    problem: GradientProblem,
     x: Array,
     labels: Array,
-    activation: str,
-    alpha: float,
-    weight_decay: float,
-    h: float,
     progress: Callable[[int], None] | None = None,
     kinks: dict | None = None,
-) -> tuple[list[Array], list[Array]]:
-    """The series method (kernels._generic.numerical_gradient_series, docs/series.md) on the device:
-    cuBLAS GEMMs over all (sample, unit) pairs, cupy elementwise Taylor arithmetic. float64 (dWs, dbs)."""
-    return g.numerical_gradient_series(
-        _OPS, weights, biases, x, _labels(labels), activation, alpha, weight_decay, h, progress, kinks=kinks
-    )
+    select: tuple[int, int, int] | None = None,
+) -> tuple[list[Array], list[Array]] | tuple[Array, Array]:
+    """The series method (kernels.xp_kernels.numerical_gradient_series, docs/series.md) on the device:
+    cuBLAS GEMMs over all (sample, unit) pairs, cupy elementwise Taylor arithmetic. float64 (dWs, dbs).
+    select: the selected layer is computed whole and sliced, as in xp_kernels."""
+    return xp_kernels.numerical_gradient_series(_OPS, problem, x, _labels(labels), progress, kinks, select)
 
 
-def _last_layer_differences(cache: g.ForwardCache, labels: Array, h: float, denom: np.float64) -> Array:
+def _last_layer_differences(cache: xp_kernels.ForwardCache, labels: Array, h: float, denom: np.float64) -> Array:
     """(n_in + 1, C) float64: the last layer's W differences, then its b's as the last row."""
     z = cupy.ascontiguousarray(cache.inputs[-1])
     probs = cupy.ascontiguousarray(cache.probs)
@@ -502,7 +502,7 @@ def _last_layer_differences(cache: g.ForwardCache, labels: Array, h: float, deno
 
 
 def _hidden_to_output_differences(
-    cache: g.ForwardCache,
+    cache: xp_kernels.ForwardCache,
     W_next: Array,
     labels: Array,
     activation: str,
@@ -519,14 +519,14 @@ def _hidden_to_output_differences(
     (batch, n_in), n_out, n_classes = z_in.shape, pre.shape[1], w_next.shape[1]
     grad = cupy.empty((n_in + 1, n_out), dtype=cupy.float64)
     sizes = np.int32(batch), np.int32(n_in), np.int32(n_out), np.int32(n_classes)
-    kind = np.int32(_ACTIVATION_CODES[activation])
-    args = (z_in, pre, act_out, w_next, probs, labels, grad, *sizes, kind, np.float64(alpha), np.float64(h), denom)
+    code = np.int32(_ACTIVATION_CODES[activation])
+    args = (z_in, pre, act_out, w_next, probs, labels, grad, *sizes, code, np.float64(alpha), np.float64(h), denom)
     _launch("gg_hidden_to_output_diff", grad.size, args)
     return grad
 
 
 def _deep_layer_differences(
-    cache: g.ForwardCache,
+    cache: xp_kernels.ForwardCache,
     weights: list[Array],
     biases: list[Array],
     labels: Array,
@@ -536,6 +536,7 @@ def _deep_layer_differences(
     layer: int,
     chunk_bytes: int,
     crossings: list | None = None,
+    columns: slice | None = None,
 ) -> Array:
     """Summed loss differences (n_in + 1, n_out) float64 of a hidden layer two or more layers before the output.
 
@@ -543,7 +544,9 @@ def _deep_layer_differences(
     input[b, i] != 0: the (i, b) pairs, ordered by i, the bias being an input of ones. The rest of
     the pass is recomputed for every pair of a chunk of units j at once, then each input's pairs are
     summed in order. Finding the pairs waits for the device once (their count) per layer.
-    crossings: None, or a list that gets kink rows (see kernels._generic._hidden_layer_differences).
+    crossings: None, or a list that gets kink rows (see kernels.xp_kernels._hidden_layer_differences).
+    columns: None, or the units wanted: the chunks of units that hold none are skipped, and their
+    columns of the result are left unset.
     """
     z_in = cache.inputs[layer]
     batch, n_in = z_in.shape
@@ -565,6 +568,8 @@ def _deep_layer_differences(
     grad = cupy.empty((n_in + 1, n_out), dtype=cupy.float64)
     for first in range(0, n_out, units):
         chunk = slice(first, min(first + units, n_out))
+        if columns is not None and (chunk.stop <= columns.start or first >= columns.stop):
+            continue
         n_units = chunk.stop - first
         changes = []
         hits = None
@@ -575,13 +580,13 @@ def _deep_layer_differences(
             dz = activation_forward(activation, moved, alpha) - base_units[chunk]
             if hits is not None:
                 unit_ids = cupy.arange(first, chunk.stop)[:, None]
-                g._mark_crossings(cupy, hits, (moved > 0) != (pre_units[chunk] > 0), layer + 1, unit_ids)
+                xp_kernels._mark_crossings(cupy, hits, (moved > 0) != (pre_units[chunk] > 0), layer + 1, unit_ids)
             a = _RANK1_UPDATE(pre_next, dz[:, :, None], W_next[chunk][:, None, :])  # (units, n_pairs, n_next)
             a = a.reshape(n_units * n_pairs, a.shape[2])
             for m in range(layer + 2, len(weights)):
                 if hits is not None:
                     flips = (a.reshape(n_units, n_pairs, -1) > 0) != (cache.pre[m - 1][samples] > 0)[None]
-                    g._mark_crossings(cupy, hits, flips.any(axis=2), m, flips.argmax(axis=2))
+                    xp_kernels._mark_crossings(cupy, hits, flips.any(axis=2), m, flips.argmax(axis=2))
                 a = affine_forward(activation_forward(activation, a, alpha), weights[m], biases[m])
             changes.append(_row_losses(a, pair_labels).reshape(n_units, n_pairs) - base_loss)
         diff = changes[0] - changes[1]
@@ -589,7 +594,7 @@ def _deep_layer_differences(
             unit_index, pair_index = cupy.nonzero(hits[0] >= 0)
             flat = rows[pair_index] * n_out + unit_index + first
             found = (flat, samples[pair_index], hits[0][unit_index, pair_index], hits[1][unit_index, pair_index])
-            crossings.append(g._kink_rows(cupy, cupy.stack(found, axis=1)))
+            crossings.append(xp_kernels._kink_rows(cupy, cupy.stack(found, axis=1)))
         sizes = np.int32(n_in + 1), np.int32(n_units), np.int64(n_pairs), np.int32(n_out), np.int32(first)
         _launch("gg_segment_sums", (n_in + 1) * n_units, (diff, offsets, grad, *sizes))
     return grad

@@ -19,8 +19,7 @@ from threadpoolctl import ThreadpoolController
 # of the GEMM that follows (measured: a 100x784x50 GEMM 50x slower). Only read when libgomp starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from kernels import LEAKY_SLOPE  # noqa: E402
-from kernels import _generic as g
+from kernels import LEAKY_SLOPE, xp_kernels  # noqa: E402
 from kernels.activations import ACTIVATION_CODES, Activation
 
 # No nnan/ninf: a NaN loss must stay visible. "reassoc" lets reductions vectorise.
@@ -170,22 +169,23 @@ def _custom_derivative(activation: Activation, x):
     return out
 
 
-def activation_forward(kind, x, alpha=LEAKY_SLOPE):
-    if not isinstance(kind, str):
-        return _custom_forward(kind, x)
+def activation_forward(activation, x, alpha=LEAKY_SLOPE):
+    if not isinstance(activation, str):
+        return _custom_forward(activation, x)
     out = np.empty(x.shape, dtype=x.dtype)
-    _activation_1d(_KIND_CODE[kind], _flat(x), x.dtype.type(alpha), out.reshape(-1))
+    _activation_1d(_KIND_CODE[activation], _flat(x), x.dtype.type(alpha), out.reshape(-1))
     return out
 
 
-def activation_backward(kind, dout, x, y, alpha=LEAKY_SLOPE):
+def activation_backward(activation, dout, x, y, alpha=LEAKY_SLOPE):
     out = np.empty(dout.shape, dtype=dout.dtype)
-    if not isinstance(kind, str):
-        if kind.numba_derivative is None:
-            return dout * np.asarray(kind.derivative(x), dtype=dout.dtype)
-        _scale_by_1d(kind.numba_derivative, _flat(dout), _flat(x), out.reshape(-1))
+    if not isinstance(activation, str):
+        if activation.numba_derivative is None:
+            return dout * np.asarray(activation.derivative(x), dtype=dout.dtype)
+        _scale_by_1d(activation.numba_derivative, _flat(dout), _flat(x), out.reshape(-1))
         return out
-    _activation_backward_1d(_KIND_CODE[kind], _flat(dout), _flat(x), _flat(y), dout.dtype.type(alpha), out.reshape(-1))
+    code = _KIND_CODE[activation]
+    _activation_backward_1d(code, _flat(dout), _flat(x), _flat(y), dout.dtype.type(alpha), out.reshape(-1))
     return out
 
 
@@ -216,12 +216,12 @@ def _activation_with_derivative_1d(code, a, alpha, out, derivative):
             derivative[i] = 1.0 if a[i] > 0 else alpha
 
 
-def _activation_with_derivative(kind, a, alpha):
-    if not isinstance(kind, str):
-        return _custom_forward(kind, a), _custom_derivative(kind, a)
+def _activation_with_derivative(activation, a, alpha):
+    if not isinstance(activation, str):
+        return _custom_forward(activation, a), _custom_derivative(activation, a)
     out, derivative = np.empty_like(a), np.empty_like(a)
     _activation_with_derivative_1d(
-        _KIND_CODE[kind], _flat(a), a.dtype.type(alpha), out.reshape(-1), derivative.reshape(-1)
+        _KIND_CODE[activation], _flat(a), a.dtype.type(alpha), out.reshape(-1), derivative.reshape(-1)
     )
     return out, derivative
 
@@ -407,7 +407,7 @@ def _set_losses_py(scores, labels):
     return out
 
 
-_OPS = g.Ops(
+_OPS = xp_kernels.Ops(
     xp=np,
     activation=activation_forward,
     set_losses=_set_losses_py,
@@ -417,11 +417,11 @@ _OPS = g.Ops(
 
 
 def network_gradient(weights, biases, x, labels, activation, alpha=LEAKY_SLOPE):
-    return g.network_gradient(np, _OPS, weights, biases, x, labels, activation, alpha)
+    return xp_kernels.network_gradient(_OPS, weights, biases, x, labels, activation, alpha)
 
 
-def numerical_gradient_batched(weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None):
-    return g.numerical_gradient_batched(_OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress)
+def numerical_gradient_batched(problem, x, labels, progress=None, kinks=None, select=None):
+    return xp_kernels.numerical_gradient_batched(_OPS, problem, x, labels, progress, kinks, select)
 
 
 @njit(**JIT)
@@ -469,13 +469,16 @@ def _hidden_to_output_direct(
         out[i, :] = acc
 
 
-def _hidden_to_output(cache, weights, biases, labels, activation, alpha, h, layer):
-    """Numba fast path of the generic hidden-layer differences when layer + 1 is the output layer."""
+def _hidden_to_output(cache, weights, biases, labels, activation, alpha, h, layer, columns=None):
+    """Numba fast path of the generic hidden-layer differences when layer + 1 is the output layer.
+
+    columns: None (every unit) or a range of units; a unit's numbers do not depend on the others."""
     if not isinstance(activation, str):  # a user-defined Activation: the generic loop calls its forms
-        return g._hidden_layer_differences(_OPS, cache, weights, biases, labels, activation, alpha, h, layer)
+        return xp_kernels._hidden_layer_differences(
+            _OPS, cache, weights, biases, labels, activation, alpha, h, layer, columns
+        )
     z_in = cache.inputs[layer]
     batch, n_in = z_in.shape
-    w_next = weights[layer + 1]
     with_bias = np.concatenate([z_in.T, np.ones((1, batch))])  # (I + 1, B): the bias is an input of ones
     nonzero = with_bias != 0
     counts = nonzero.sum(axis=1)
@@ -490,7 +493,10 @@ def _hidden_to_output(cache, weights, biases, labels, activation, alpha, h, laye
         e_minus = -e_plus
     else:
         e_plus = e_minus = np.zeros_like(steps)
-    pre, post = cache.pre[layer], cache.inputs[layer + 1]
+    pre, post, w_next = cache.pre[layer], cache.inputs[layer + 1], weights[layer + 1]
+    if columns is not None:
+        units = slice(columns.start, columns.stop)
+        pre, post, w_next = (np.ascontiguousarray(a) for a in (pre[:, units], post[:, units], w_next[units]))
     code = _KIND_CODE[activation]
     out = np.empty((n_in + 1, w_next.shape[0]))
     with _one_blas_thread():
@@ -501,29 +507,21 @@ def _hidden_to_output(cache, weights, biases, labels, activation, alpha, h, laye
     return out[:n_in], out[n_in]
 
 
-_INCREMENTAL_OPS = g.Ops(
+_INCREMENTAL_OPS = xp_kernels.Ops(
     xp=np, activation=activation_forward, set_losses=_set_losses_py, hidden_to_output=_hidden_to_output
 )
 
 
-def numerical_gradient_incremental(
-    weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
-):
-    return g.numerical_gradient_incremental(
-        _INCREMENTAL_OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
-    )
+def numerical_gradient_incremental(problem, x, labels, progress=None, kinks=None, select=None):
+    return xp_kernels.numerical_gradient_incremental(_INCREMENTAL_OPS, problem, x, labels, progress, kinks, select)
 
 
-def numerical_gradient_series(
-    weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
-):
-    return g.numerical_gradient_series(
-        _SERIES_OPS, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
-    )
+def numerical_gradient_series(problem, x, labels, progress=None, kinks=None, select=None):
+    return xp_kernels.numerical_gradient_series(_SERIES_OPS, problem, x, labels, progress, kinks, select)
 
 
 # ----------------------------------------------------------------------------- series: the layer feeding the output
-# The NumPy version is kernels._generic._output_feeding_pair_series (docs/series.md, sections 2-5); this
+# The NumPy version is kernels.xp_kernels._output_feeding_pair_series (docs/series.md, sections 2-5); this
 # fuses its (B, J, C) passes into one loop per (sample, unit). The bounds use plain float64 math (no fastmath).
 
 
@@ -546,7 +544,7 @@ def _order_needed_scalar(ratio, bound, h, tail, max_order):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _output_feeding_needed(code, theta, f2, loss_radius, h, tail, max_order, z, slope, w_next, labels, rho, needed):
-    """needed[b, j]: the order the bound of the output-feeding layer asks for (as in _generic)."""
+    """needed[b, j]: the order the bound of the output-feeding layer asks for (as in xp_kernels)."""
     batch, units = z.shape
     classes = w_next.shape[1]
     for b in prange(batch):
@@ -648,25 +646,39 @@ def _output_feeding_coefficients(code, order, probs, w_next, labels, y0, slope, 
 
 
 def _output_feeding_series(cache, derivatives, weights, labels, activation, layer, cols, rho, h):
-    """Numba form of kernels._generic._output_feeding_pair_series (same arguments, same results)."""
-    if activation not in (*g.SERIES_STRIPS, *g._KINKED):
-        return g._output_feeding_pair_series(np, cache, derivatives, weights, labels, activation, layer, cols, rho, h)
+    """Numba form of kernels.xp_kernels._output_feeding_pair_series (same arguments, same results)."""
+    if activation not in (*xp_kernels.SERIES_STRIPS, *xp_kernels._KINKED):
+        return xp_kernels._output_feeding_pair_series(
+            np, cache, derivatives, weights, labels, activation, layer, cols, rho, h
+        )
     code = _KIND_CODE[activation]
-    theta, f2 = g.SERIES_STRIPS.get(activation, (math.inf, 0.0))
+    theta, f2 = xp_kernels.SERIES_STRIPS.get(activation, (math.inf, 0.0))
     w_next = np.ascontiguousarray(weights[layer + 1][cols])
     z = np.ascontiguousarray(cache.pre[layer][:, cols])
     slope = np.ascontiguousarray(derivatives[layer][:, cols])
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     needed = np.empty(z.shape, dtype=np.int64)
     _output_feeding_needed(
-        code, theta, f2, g._LOSS_RADIUS, h, g.SERIES_TAIL, g.SERIES_MAX_ORDER, z, slope, w_next, labels, rho, needed
+        code,
+        theta,
+        f2,
+        xp_kernels._LOSS_RADIUS,
+        h,
+        xp_kernels.SERIES_TAIL,
+        xp_kernels.SERIES_MAX_ORDER,
+        z,
+        slope,
+        w_next,
+        labels,
+        rho,
+        needed,
     )
-    order = int(needed[needed <= g.SERIES_MAX_ORDER].max(initial=1))
+    order = int(needed[needed <= xp_kernels.SERIES_MAX_ORDER].max(initial=1))
     out = np.empty((order,) + z.shape)
     y0 = np.ascontiguousarray(cache.inputs[layer + 1][:, cols])
     _output_feeding_coefficients(code, order, cache.probs, w_next, labels, y0, slope, out)
     inverse_radius = None
-    if activation in g._KINKED:
+    if activation in xp_kernels._KINKED:
         with np.errstate(divide="ignore"):
             inverse_radius = 1.0 / np.abs(z)
     return list(out), needed.astype(np.float64), inverse_radius
@@ -675,7 +687,7 @@ def _output_feeding_series(cache, derivatives, weights, labels, activation, laye
 @njit(parallel=True, cache=True, error_model="numpy")
 def _next_layer_inverse_radius_loop(slope, w_abs, magnitude, out):
     """out[b, j] = |slope[b, j]| max_q w_abs[j, q] / magnitude[b, q]; inf where some magnitude[b, q] = 0 meets
-    w_abs[j, q] > 0 with slope[b, j] != 0 (the terms and the zero test of kernels._generic's NumPy form)."""
+    w_abs[j, q] > 0 with slope[b, j] != 0 (the terms and the zero test of kernels.xp_kernels's NumPy form)."""
     batch, units = slope.shape
     width = w_abs.shape[1]
     for b in prange(batch):
@@ -704,7 +716,7 @@ def _next_layer_inverse_radius_loop(slope, w_abs, magnitude, out):
 
 @njit(parallel=True, cache=True, error_model="numpy")
 def _direction_needed(V, probs, labels, rho, inverse_radius, loss_radius, h, tail, max_order, needed):
-    """needed[b, j]: the order the relu/leaky bound asks for along V[b, j] (kernels._generic._piecewise_pair_series)."""
+    """needed[b, j]: the order the relu/leaky bound asks for along V[b, j] (xp_kernels._piecewise_pair_series)."""
     batch, units, classes = V.shape
     for b in prange(batch):
         t = labels[b]
@@ -761,7 +773,7 @@ def _direction_coefficients(V, probs, labels, order, out):
 
 
 def _direction_series(V, probs, labels, rho, inverse_radius, h):
-    """Numba form of the relu/leaky loss series of kernels._generic._piecewise_pair_series: (coefficients, needed)."""
+    """Numba form of the relu/leaky loss series of kernels.xp_kernels._piecewise_pair_series: (coefficients, needed)."""
     V = np.ascontiguousarray(V)
     labels = np.ascontiguousarray(labels, dtype=np.int64)
     needed = np.empty(V.shape[:2], dtype=np.int64)
@@ -771,20 +783,20 @@ def _direction_series(V, probs, labels, rho, inverse_radius, h):
         labels,
         rho,
         np.ascontiguousarray(inverse_radius),
-        g._LOSS_RADIUS,
+        xp_kernels._LOSS_RADIUS,
         h,
-        g.SERIES_TAIL,
-        g.SERIES_MAX_ORDER,
+        xp_kernels.SERIES_TAIL,
+        xp_kernels.SERIES_MAX_ORDER,
         needed,
     )
-    order = int(needed[needed <= g.SERIES_MAX_ORDER].max(initial=1))
+    order = int(needed[needed <= xp_kernels.SERIES_MAX_ORDER].max(initial=1))
     out = np.empty((order,) + V.shape[:2])
     _direction_coefficients(V, probs, labels, order, out)
     return list(out), needed.astype(np.float64)
 
 
 def _next_layer_inverse_radius(slope, W_next, z):
-    """Numba form of kernels._generic._next_layer_inverse_radius (same values)."""
+    """Numba form of kernels.xp_kernels._next_layer_inverse_radius (same values)."""
     out = np.empty(slope.shape)
     _next_layer_inverse_radius_loop(
         np.ascontiguousarray(slope), np.ascontiguousarray(np.abs(W_next)), np.ascontiguousarray(np.abs(z)), out
@@ -792,7 +804,7 @@ def _next_layer_inverse_radius(slope, W_next, z):
     return out
 
 
-_SERIES_OPS = g.Ops(
+_SERIES_OPS = xp_kernels.Ops(
     xp=np,
     activation=activation_forward,
     set_losses=_set_losses_py,

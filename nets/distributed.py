@@ -6,28 +6,25 @@ on the net's backend, found by name (``backends.get_backend(name)``); the client
 together. Dask re-runs the chunks of a worker that dies; a chunk that raises is reported as a
 ``ChunkError`` naming its parameters.
 
-A chunk is exact because it is computed by the same float64 operations, on arrays of the same
-shapes, as in the single-process kernel:
+A chunk is exact because it is the backend's own numerical-gradient kernel asked for part of the
+parameters (``select=(layer, start, stop)``, kernels/__init__.py), which gives that slice of the
+full call bit for bit, on every backend:
 
-- kind "columns" (incremental, hidden layers at least two before the output): the kernel
-  computes each output unit j of such a layer (column j of W, entry j of b) in its own loop
-  iteration over every (input, sample) pair, so a range of columns gives the same numbers. Rows
-  of W are not independent (every row of column j shares that column's GEMMs).
-- kind "layers" (the last two layers for incremental; the whole net for batched): the backend's
-  own kernel, called on the net from that layer on with the cached input of that layer as x. The
-  incremental kernels compute each layer from one cached forward pass, so the front of the net
-  does not change the numbers of the layers after it. The batched kernel is not separable like
-  that (its first layer takes another path), so it runs as a single chunk.
+- span "columns" (incremental, hidden layers at least two before the output): W[:, start:stop]
+  and b[start:stop] of one layer, one kernel call.
+- span "layers" (the last two layers for incremental; the whole net for batched): every W and b
+  of layers start..stop-1, one kernel call per layer selecting all of its columns. The last two
+  layers are cheap (they reuse the base softmax); the batched method is brute force over every
+  parameter, so it is not worth splitting finer.
 
-The "columns" arithmetic is that of kernels._generic's hidden-layer loop, restricted to a range
-of columns; it matches the backends whose kernels use that loop with their own
-``activation_forward`` (COLUMN_LOOP_BACKENDS). See docs/distributed.md for the kernel argument
-that would make every chunk a kernel call.
+What is left to agree is the BLAS (BLAS_THREADS) and, on cupy, the chunk budget of its kernels
+(a quarter of the free device memory): see docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,8 +42,8 @@ except ImportError as err:
     ) from err
 
 from backends import Backend, get_backend, to_numpy
-from kernels import _generic as g
-from nets import _validate as v
+from kernels import GradientProblem
+from nets import _validate as validate
 
 if TYPE_CHECKING:
     from nets.networks import _FeedForwardNet
@@ -54,7 +51,6 @@ if TYPE_CHECKING:
 __all__ = [
     "BLAS_THREADS",
     "CHUNKS_PER_WORKER",
-    "COLUMN_LOOP_BACKENDS",
     "SCHEDULER_ENV",
     "SHARDED_METHODS",
     "Chunk",
@@ -73,23 +69,19 @@ CHUNKS_PER_WORKER = 8
 # chunk runs with one BLAS thread: the result equals net.numerical_gradient run with one BLAS thread
 # (threadpoolctl.threadpool_limits(1, "blas")) on the same kind of CPU, wherever the workers are.
 BLAS_THREADS = 1
-# Backends whose incremental kernel computes the hidden layers before the last one with the column
-# loop of kernels._generic (checked bit for bit by tests/test_distributed.py). cupy computes them
-# in its own blocks, so its nets run as one chunk until the kernels can compute a range themselves.
-COLUMN_LOOP_BACKENDS = ("numpy", "numba")
 
 
 @dataclass(frozen=True)
 class Chunk:
     """One task's parameters. ``layer`` is 0-based (W1 is layer 0).
 
-    kind "columns": W[:, start:stop] and b[start:stop] of ``layer``.
-    kind "layers": every W and b of layers start..stop-1 (``layer`` == start).
+    span "columns": W[:, start:stop] and b[start:stop] of ``layer``.
+    span "layers": every W and b of layers start..stop-1 (``layer`` == start).
     ``n_params`` counts the parameters; ``cost`` is a relative estimate used for balancing.
     """
 
     layer: int
-    kind: str
+    span: str
     start: int
     stop: int
     n_params: int
@@ -98,17 +90,23 @@ class Chunk:
     @property
     def label(self) -> str:
         """The parameters in numpy notation, e.g. "W1[:, 0:98] and b1[0:98]" or "W3, b3, W4, b4"."""
-        if self.kind == "columns":
-            n, span = self.layer + 1, f"{self.start}:{self.stop}"
-            return f"W{n}[:, {span}] and b{n}[{span}]"
+        if self.span == "columns":
+            n, columns = self.layer + 1, f"{self.start}:{self.stop}"
+            return f"W{n}[:, {columns}] and b{n}[{columns}]"
         return ", ".join(f"W{m}, b{m}" for m in range(self.start + 1, self.stop + 1))
+
+    def selections(self, widths: Sequence[int]) -> list[tuple[int, int, int]]:
+        """The kernel's ``select`` values that compute this chunk; widths: each layer's number of units."""
+        if self.span == "columns":
+            return [(self.layer, self.start, self.stop)]
+        return [(m, 0, widths[m]) for m in range(self.start, self.stop)]
 
     def place(self, grads: dict[str, np.ndarray], pieces: dict[str, np.ndarray]) -> None:
         """Write this chunk's pieces (as gradient_chunks returns them) into full-size gradients."""
-        if self.kind == "columns":
-            n, span = self.layer + 1, slice(self.start, self.stop)
-            grads[f"W{n}"][:, span] = pieces[f"W{n}"]
-            grads[f"b{n}"][span] = pieces[f"b{n}"]
+        if self.span == "columns":
+            n, columns = self.layer + 1, slice(self.start, self.stop)
+            grads[f"W{n}"][:, columns] = pieces[f"W{n}"]
+            grads[f"b{n}"][columns] = pieces[f"b{n}"]
         else:
             for name, piece in pieces.items():
                 grads[name][...] = piece
@@ -124,16 +122,11 @@ class ChunkError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Problem:
-    """What every worker receives once: float64 parameters, the batch and the loss settings."""
+    """What every worker receives once: the net (float64 host arrays and the loss settings) and the batch."""
 
-    weights: tuple[np.ndarray, ...]
-    biases: tuple[np.ndarray, ...]
+    net: GradientProblem
     x: np.ndarray  # (B, I) float64
     labels: np.ndarray  # (B,) int64
-    activation: str
-    alpha: float
-    weight_decay: float
-    h: float
 
 
 def numerical_gradient(
@@ -153,8 +146,8 @@ def numerical_gradient(
     splits). Returns {"W1", "b1", ...} float64 arrays on the net's backend, like the net's method.
     Raises ChunkError naming the parameters of a chunk that failed.
     """
-    v.check_choice(method, SHARDED_METHODS, "method")
-    step = v.check_step(h)
+    validate.check_choice(method, SHARDED_METHODS, "method")
+    step = validate.check_step(h)
     x64, labels = _checked_batch(net, x, t)
     grads = {name: np.empty(p.shape, dtype=np.float64) for name, p in net.params.items()}
     with _connected(client) as dask_client:
@@ -178,11 +171,11 @@ def gradient_chunks(
     """Compute only ``chunks`` (from plan_chunks for this net and method) on the cluster.
 
     Returns, in the order of ``chunks``, {parameter name: float64 host array}: W[:, start:stop]
-    and b[start:stop] for "columns", whole arrays for "layers"; each equals that slice of
+    and b[start:stop] for span "columns", whole arrays for "layers"; each equals that slice of
     net.numerical_gradient (Chunk.place writes them into full arrays).
     """
-    v.check_choice(method, SHARDED_METHODS, "method")
-    step = v.check_step(h)
+    validate.check_choice(method, SHARDED_METHODS, "method")
+    step = validate.check_step(h)
     x64, labels = _checked_batch(net, x, t)
     chunks = list(chunks)
     results: dict[int, dict[str, np.ndarray]] = {}
@@ -195,17 +188,17 @@ def gradient_chunks(
 def plan_chunks(net: _FeedForwardNet, x: Any, method: str = "incremental", n_chunks: int = 8) -> list[Chunk]:
     """Split every parameter of ``net`` into about ``n_chunks`` chunks of similar estimated cost.
 
-    incremental on numpy or numba: each hidden layer at least two before the output gets chunks
-    of whole columns (at least one, at most one per column, in proportion to its cost on the batch
-    x); the last two layers form one chunk. batched, or another backend: one chunk (see the module
-    docstring). Together the chunks cover every parameter exactly once.
+    incremental: each hidden layer at least two before the output gets chunks of whole columns (at
+    least one, at most one per column, in proportion to its cost on the batch x); the last two
+    layers form one chunk. batched: one chunk (see the module docstring). Together the chunks cover
+    every parameter exactly once.
     """
-    v.check_choice(method, SHARDED_METHODS, "method")
+    validate.check_choice(method, SHARDED_METHODS, "method")
     if isinstance(n_chunks, bool) or not isinstance(n_chunks, int) or n_chunks < 1:
         raise ValueError(f"n_chunks must be a positive integer; got {n_chunks!r}")
     sizes, n_layers = net.sizes, net.n_layers
     n_params = [sizes[m] * sizes[m + 1] + sizes[m + 1] for m in range(n_layers)]
-    if method == "batched" or net.backend.name not in COLUMN_LOOP_BACKENDS:
+    if method == "batched":
         return [Chunk(0, "layers", 0, n_layers, sum(n_params), 1.0)]
     tail = max(0, n_layers - 2)
     pairs = _active_pairs(net, x)
@@ -237,19 +230,20 @@ def _pair_cost(sizes: list[int], layer: int) -> float:
 
 def _active_pairs(net: _FeedForwardNet, x: Any) -> list[int]:
     """Per layer, the (input, sample) pairs the incremental method recomputes: non-zero inputs + the bias."""
-    z = to_numpy(v.check_features(net.backend, x, net.input_size, net.dtype)).astype(np.float64)
-    activation = get_backend("numpy").kernels.activation_forward
+    xp, kernels = net.backend.xp, net.backend.kernels
+    z = validate.check_features(net.backend, x, net.input_size, net.dtype).astype(xp.float64)
     pairs = []
     for m in range(1, net.n_layers + 1):
-        pairs.append(int(np.count_nonzero(z)) + z.shape[0])
-        z = activation(net.activation, z @ to_numpy(net.params[f"W{m}"]) + to_numpy(net.params[f"b{m}"]), net.alpha)
+        pairs.append(int(xp.count_nonzero(z)) + z.shape[0])
+        W, b = (net.params[f"{part}{m}"].astype(xp.float64) for part in "Wb")
+        z = kernels.activation_forward(net.activation, kernels.affine_forward(z, W, b), net.alpha)
     return pairs
 
 
 def _checked_batch(net: _FeedForwardNet, x: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
     """x as float64 (B, I) and labels as int64 (B,) on the host, validated as by the net."""
-    x_checked = v.check_features(net.backend, x, net.input_size, net.dtype)
-    labels = v.check_targets(net.backend, t, x_checked.shape[0], net.output_size)
+    x_checked = validate.check_features(net.backend, x, net.input_size, net.dtype)
+    labels = validate.check_targets(net.backend, t, x_checked.shape[0], net.output_size)
     return to_numpy(x_checked).astype(np.float64, copy=False), to_numpy(labels)
 
 
@@ -275,16 +269,9 @@ def _connected(client: distributed.Client | str | None) -> Iterator[distributed.
 
 def _problem(net: _FeedForwardNet, x: np.ndarray, labels: np.ndarray, h: float) -> _Problem:
     layers = range(1, net.n_layers + 1)
-    return _Problem(
-        weights=tuple(to_numpy(net.params[f"W{m}"]).astype(np.float64) for m in layers),
-        biases=tuple(to_numpy(net.params[f"b{m}"]).astype(np.float64) for m in layers),
-        x=x,
-        labels=labels,
-        activation=net.activation,
-        alpha=net.alpha,
-        weight_decay=net.weight_decay_lambda,
-        h=h,
-    )
+    weights = [to_numpy(net.params[f"W{m}"]).astype(np.float64) for m in layers]
+    biases = [to_numpy(net.params[f"b{m}"]).astype(np.float64) for m in layers]
+    return _Problem(GradientProblem(weights, biases, net.activation, net.alpha, net.weight_decay_lambda, h), x, labels)
 
 
 def _gather(
@@ -324,41 +311,15 @@ def _compute_chunk(backend_name: str, method: str, problem: _Problem, chunk: Chu
 
 
 def _chunk_pieces(be: Backend, method: str, problem: _Problem, chunk: Chunk) -> dict[str, np.ndarray]:
-    ops = g.Ops(xp=be.xp, activation=be.kernels.activation_forward, set_losses=None)
-    weights = [be.asarray(W) for W in problem.weights]
-    biases = [be.asarray(b) for b in problem.biases]
+    """The chunk's pieces, each a call of the backend's kernel with ``select``."""
+    host = problem.net
+    on_device = dataclasses.replace(
+        host, weights=[be.asarray(W) for W in host.weights], biases=[be.asarray(b) for b in host.biases]
+    )
     x, labels = be.asarray(problem.x), be.asarray(problem.labels)
-    if chunk.kind == "columns":
-        cache = g.forward_cache(be.xp, ops, weights, biases, x, labels, problem.activation, problem.alpha)
-        dW, db = _hidden_columns(ops, cache, weights, biases, labels, problem, chunk.layer, chunk.start, chunk.stop)
-        columns = weights[chunk.layer][:, chunk.start : chunk.stop]
-        dW += g._decay_difference(be.xp, columns, problem.weight_decay, problem.h)
-        n = chunk.layer + 1
-        return {f"W{n}": be.to_numpy(dW), f"b{n}": be.to_numpy(db)}
-    if chunk.start > 0:  # the kernel on the net from layer ``start`` on, fed that layer's cached input
-        cache = g.forward_cache(be.xp, ops, weights, biases, x, labels, problem.activation, problem.alpha)
-        x = cache.inputs[chunk.start]
     kernel = getattr(be.kernels, f"numerical_gradient_{method}")
-    dWs, dbs = kernel(
-        weights[chunk.start :],
-        biases[chunk.start :],
-        x,
-        labels,
-        problem.activation,
-        problem.alpha,
-        problem.weight_decay,
-        problem.h,
-    )
     pieces = {}
-    for m, (dW, db) in enumerate(zip(dWs, dbs, strict=True), start=chunk.start + 1):
-        pieces[f"W{m}"], pieces[f"b{m}"] = be.to_numpy(dW), be.to_numpy(db)
+    for layer, start, stop in chunk.selections([W.shape[1] for W in host.weights]):
+        dW, db = kernel(on_device, x, labels, select=(layer, start, stop))
+        pieces[f"W{layer + 1}"], pieces[f"b{layer + 1}"] = be.to_numpy(dW), be.to_numpy(db)
     return pieces
-
-
-def _hidden_columns(
-    ops: g.Ops, cache: g.ForwardCache, weights, biases, labels, problem: _Problem, layer: int, start: int, stop: int
-):
-    """Columns start:stop of the backend-generic hidden-layer differences (layer <= n_layers - 3)."""
-    return g._hidden_layer_differences(
-        ops, cache, weights, biases, labels, problem.activation, problem.alpha, problem.h, layer, range(start, stop)
-    )

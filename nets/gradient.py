@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nets import _validate as v
+from nets import _validate as validate
 
 if TYPE_CHECKING:
     from nets.networks import _FeedForwardNet
@@ -41,8 +41,8 @@ def numerical_gradient(
     that order; the rest of the result is 0. None: every element.
     ``progress``, if given, is called with the number of elements finished, every 256 elements.
     """
-    step = v.check_step(h)
-    if not hasattr(x, "dtype") or x.dtype.name not in v.FLOAT_DTYPES:
+    step = validate.check_step(h)
+    if not hasattr(x, "dtype") or x.dtype.name not in validate.FLOAT_DTYPES:
         raise TypeError(
             f"x must be a floating-point array; got {type(x).__name__} with dtype {getattr(x, 'dtype', None)}"
         )
@@ -398,7 +398,7 @@ def gradient_check(
     a GradientCheck (a mapping {name: mean |backprop - numerical|}, plus everything above).
     """
     started = time.perf_counter()
-    step = v.check_step(h)
+    step = validate.check_step(h)
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise ValueError(f"worst must be an int >= 0 (entries listed per parameter); got {worst!r}")
     if isinstance(safety, bool) or not isinstance(safety, int | float) or not (math.isfinite(safety) and safety > 0):
@@ -434,31 +434,21 @@ def gradient_check(
         return {name: backend.to_numpy(g) for name, g in grads.items()}, seconds
 
     kink_method = method if method in _KINK_METHODS else "incremental"
-    kinks_h: dict | None = {}
-    kinks_2h: dict | None = {}
+    kinks_h: dict = {}
+    kinks_2h: dict = {}
     kinks_s = 0.0
     if method in _KINK_METHODS:
-        try:
-            numeric_h, numerical_s = numerical(step, kinks_h)
-            numeric_2h, richardson_s = numerical(2 * step, kinks_2h)
-        except NotImplementedError as err:
-            notes.append(f"no kink attribution: {err}")
-            kinks_h = kinks_2h = None
-            numeric_h, numerical_s = numerical(step, None)
-            numeric_2h, richardson_s = numerical(2 * step, None)
+        numeric_h, numerical_s = numerical(step, kinks_h)
+        numeric_2h, richardson_s = numerical(2 * step, kinks_2h)
     else:
         numeric_h, numerical_s = numerical(step, None)
         numeric_2h, richardson_s = numerical(2 * step, None)
-        try:
-            for at, found in ((step, kinks_h), (2 * step, kinks_2h)):
-                _, seconds = timed(
-                    lambda at=at, found=found: checked.numerical_gradient(x64, t, method=kink_method, h=at, kinks=found)
-                )
-                kinks_s += seconds
-            notes.append(f"kinks of {method} from two extra {kink_method} gradients ({kinks_s:.2f} s)")
-        except NotImplementedError as err:
-            notes.append(f"no kink attribution: {err}")
-            kinks_h = kinks_2h = None
+        for at, found in ((step, kinks_h), (2 * step, kinks_2h)):
+            _, seconds = timed(
+                lambda at=at, found=found: checked.numerical_gradient(x64, t, method=kink_method, h=at, kinks=found)
+            )
+            kinks_s += seconds
+        notes.append(f"kinks of {method} from two extra {kink_method} gradients ({kinks_s:.2f} s)")
 
     rounding = 1.5 * ROUNDING_ULPS * _EPS * loss_scale / step
     params = {}
@@ -467,11 +457,10 @@ def gradient_check(
         bound = np.abs(num2 - num) / 3 + rounding
         verdict = np.where(np.abs(bp - num) <= safety * bound, "agrees", "mismatch").astype("<U8")
         rows_h, rows_2h = (
-            None if found is None else backend.to_numpy(found.get(name, np.zeros((0, 4)))).astype(np.int64)
-            for found in (kinks_h, kinks_2h)
+            backend.to_numpy(found.get(name, np.zeros((0, 4)))).astype(np.int64) for found in (kinks_h, kinks_2h)
         )  # kernels may leave the rows on the device
         for rows in (rows_h, rows_2h):
-            if rows is not None and rows.size:
+            if rows.size:
                 verdict.reshape(-1)[rows[:, 0]] = "kink"
         check = ParamCheck(name, bp, num, num2, bound, verdict, rows_h, rows_2h, ())
         params[name] = _with_worst(check, worst)
@@ -480,7 +469,7 @@ def gradient_check(
     full_passes = {"naive": 2, "batched": 2}.get(method)
     forward_passes = None
     if full_passes is not None:
-        forward_passes = 2 * full_passes * n_params + (2 if method == "naive" and kinks_h is not None else 0)
+        forward_passes = 2 * full_passes * n_params + (2 if method == "naive" else 0)
     total_s = time.perf_counter() - started
     cost = Cost(
         method=method,
@@ -496,7 +485,7 @@ def gradient_check(
         total_s=total_s,
         ratio_to_backprop=total_s / backprop_s if backprop_s > 0 else math.inf,
     )
-    return GradientCheck(method, step, float(safety), net.dtype.name, params, cost, kinks_h is not None, tuple(notes))
+    return GradientCheck(method, step, float(safety), net.dtype.name, params, cost, True, tuple(notes))
 
 
 def _with_worst(check: ParamCheck, worst: int) -> ParamCheck:

@@ -49,55 +49,55 @@ class Affine(Layer):
 
 
 class Activation(Layer):
-    """Elementwise activation ``kind``: one of kernels.ACTIVATIONS, or a kernels.activations.Activation."""
+    """Elementwise ``activation``: one of kernels.ACTIVATIONS, or a kernels.activations.Activation."""
 
-    kind: str | ActivationFunction = ""
+    activation: str | ActivationFunction = ""
 
     def __init__(
-        self, backend: Backend, alpha: float = LEAKY_SLOPE, kind: str | ActivationFunction | None = None
+        self, backend: Backend, alpha: float = LEAKY_SLOPE, activation: str | ActivationFunction | None = None
     ) -> None:
         super().__init__(backend)
         self.alpha = alpha
-        if kind is not None:
-            self.kind = kind
+        if activation is not None:
+            self.activation = activation
 
     def forward(self, x: Array) -> Array:
         """x: any shape -> f(x), same shape and dtype."""
         self.x = x
-        self.y = self.backend.kernels.activation_forward(self.kind, x, self.alpha)
+        self.y = self.backend.kernels.activation_forward(self.activation, x, self.alpha)
         self._ready = True
         return self.y
 
     def backward(self, dout: Array) -> Array:
         """dL/dy (shape of x) -> dL/dx = dout * f'(x)."""
         self._check_forward_done()
-        return self.backend.kernels.activation_backward(self.kind, dout, self.x, self.y, self.alpha)
+        return self.backend.kernels.activation_backward(self.activation, dout, self.x, self.y, self.alpha)
 
 
 class Relu(Activation):
-    kind = "relu"
+    activation = "relu"
 
 
 class Sigmoid(Activation):
-    kind = "sigmoid"
+    activation = "sigmoid"
 
 
 class Tanh(Activation):
-    kind = "tanh"
+    activation = "tanh"
 
 
 class LeakyRelu(Activation):
-    kind = "leaky_relu"
+    activation = "leaky_relu"
 
 
-ACTIVATION_LAYERS = {cls.kind: cls for cls in (Relu, Sigmoid, Tanh, LeakyRelu)}
+ACTIVATION_LAYERS = {cls.activation: cls for cls in (Relu, Sigmoid, Tanh, LeakyRelu)}
 
 
 def activation_layer(activation: str | ActivationFunction, backend: Backend, alpha: float = LEAKY_SLOPE) -> Activation:
     """The layer for a built-in activation name (Relu, Sigmoid, ...) or for a user-defined Activation."""
     if isinstance(activation, str):
         return ACTIVATION_LAYERS[activation](backend, alpha)
-    return Activation(backend, alpha, kind=activation)
+    return Activation(backend, alpha, activation=activation)
 
 
 class SoftmaxWithLoss(Layer):

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from backends import Backend, get_backend
-from kernels import ACTIVATIONS, LEAKY_SLOPE
+from kernels import ACTIVATIONS, LEAKY_SLOPE, GradientProblem
 from kernels.activations import KINKED_ACTIVATIONS, Activation
-from nets import _validate as v
+from nets import _validate as validate
 from nets.gradient import numerical_gradient as _elementwise_differences
 from nets.layers import Affine, SoftmaxWithLoss, activation_layer
 from nets.progress import Progress
@@ -35,10 +34,10 @@ class _FeedForwardNet:
         dtype: Any,
     ) -> None:
         self.backend = get_backend(backend)
-        self.dtype = v.check_dtype(dtype)
-        self.sizes = v.check_sizes(sizes)
+        self.dtype = validate.check_dtype(dtype)
+        self.sizes = validate.check_sizes(sizes)
         self.activation = _check_activation(activation, self.backend, self.dtype)
-        self.weight_decay_lambda = v.check_nonnegative(weight_decay_lambda, "weight_decay_lambda")
+        self.weight_decay_lambda = validate.check_nonnegative(weight_decay_lambda, "weight_decay_lambda")
         self.alpha = LEAKY_SLOPE
         rng = np.random.default_rng(seed)  # drawn on the host: the same numbers on every backend
         self.params: dict[str, Array] = {}
@@ -83,8 +82,8 @@ class _FeedForwardNet:
                 return
 
     def _inputs(self, x: Any, t: Any) -> tuple[Array, Array]:
-        x = v.check_features(self.backend, x, self.input_size, self.dtype)
-        return x, v.check_targets(self.backend, t, x.shape[0], self.output_size)
+        x = validate.check_features(self.backend, x, self.input_size, self.dtype)
+        return x, validate.check_targets(self.backend, t, x.shape[0], self.output_size)
 
     def checked_inputs(self, x: Any, t: Any) -> tuple[Array, Array]:
         """The checks numerical_gradient does, as one call: (x (batch, input_size) in the net's dtype,
@@ -95,7 +94,7 @@ class _FeedForwardNet:
 
     def _check_params_finite(self) -> None:
         for name, p in self.params.items():
-            v.check_finite(self.backend, p, f"params[{name!r}]")
+            validate.check_finite(self.backend, p, f"params[{name!r}]")
 
     def _scores(self, x: Array) -> Array:
         self._check_params()
@@ -112,7 +111,7 @@ class _FeedForwardNet:
 
     def predict(self, x: Any) -> Array:
         """Scores (batch, output_size) before the softmax, on the net's backend."""
-        return self._scores(v.check_features(self.backend, x, self.input_size, self.dtype))
+        return self._scores(validate.check_features(self.backend, x, self.input_size, self.dtype))
 
     def loss(self, x: Any, t: Any) -> float:
         """Mean cross-entropy (plus 0.5 * weight_decay_lambda * sum W**2). t: labels or one-hot."""
@@ -165,8 +164,8 @@ class _FeedForwardNet:
         some sample (one crossing per entry). The naive loop finds them by comparing each perturbed
         pass's activation pattern with the base pass's; the kernels know them at no extra pass.
         """
-        v.check_choice(method, NUMERICAL_METHODS, "method")
-        step = v.check_step(h)
+        validate.check_choice(method, NUMERICAL_METHODS, "method")
+        step = validate.check_step(h)
         if entries is not None:
             if method != "naive":
                 raise ValueError(f"entries selects elements for the naive loop only; method is {method!r}")
@@ -192,12 +191,9 @@ class _FeedForwardNet:
             n_layers = self.n_layers
             weights = [self.params[f"W{m}"].astype(xp.float64, copy=False) for m in range(1, n_layers + 1)]
             biases = [self.params[f"b{m}"].astype(xp.float64, copy=False) for m in range(1, n_layers + 1)]
+            problem = GradientProblem(weights, biases, self.activation, self.alpha, self.weight_decay_lambda, step)
             kernel = getattr(self.backend.kernels, f"numerical_gradient_{method}")
-            if kinks is not None and "kinks" not in inspect.signature(kernel).parameters:
-                raise NotImplementedError(f"the {self.backend.name} kernel of method {method!r} does not report kinks")
-            optional = {} if kinks is None else {"kinks": kinks}
-            args = (weights, biases, x64, labels, self.activation, self.alpha, self.weight_decay_lambda, step)
-            dWs, dbs = kernel(*args, bar.callback, **optional)
+            dWs, dbs = kernel(problem, x64, labels, bar.callback, kinks=kinks)
         grads = {}
         for m in range(n_layers):
             grads[f"W{m + 1}"], grads[f"b{m + 1}"] = dWs[m], dbs[m]
@@ -280,7 +276,7 @@ class _FeedForwardNet:
         evaluation of this net's loss. The gradient check uses it to check a float32 net in float64.
         """
         twin = copy.copy(self)
-        twin.dtype = v.check_dtype(dtype)
+        twin.dtype = validate.check_dtype(dtype)
         twin.params = {name: p.astype(twin.dtype, copy=True) for name, p in self.params.items()}
         twin._build_layers()
         return twin
@@ -327,9 +323,11 @@ class MultiLayerNet(_FeedForwardNet):
     ) -> None:
         if isinstance(hidden_size_list, (str, bytes)) or not hasattr(hidden_size_list, "__iter__"):
             raise TypeError(f"hidden_size_list must be a list of layer sizes; got {hidden_size_list!r}")
-        sizes = v.check_sizes([input_size, *hidden_size_list, output_size])
+        sizes = validate.check_sizes([input_size, *hidden_size_list, output_size])
         if isinstance(weight_init_std, str):
-            rule = v.check_choice(weight_init_std.lower(), ("he", "relu", "xavier", "sigmoid"), "weight_init_std")
+            rule = validate.check_choice(
+                weight_init_std.lower(), ("he", "relu", "xavier", "sigmoid"), "weight_init_std"
+            )
             gain = 2.0 if rule in ("he", "relu") else 1.0
             scales = [float(np.sqrt(gain / n_in)) for n_in in sizes[:-1]]
         else:

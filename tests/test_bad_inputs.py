@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from backends import BACKEND_NAMES, UnknownBackendError, get_backend, to_numpy
-from kernels import ACTIVATIONS
+from kernels import ACTIVATIONS, GradientProblem
 from nets import MultiLayerNet, TwoLayerNet
 from nets.gradient import gradient_check, numerical_gradient
 from nets.layers import ACTIVATION_LAYERS, Affine, LeakyRelu, Relu, Sigmoid, SoftmaxWithLoss, Tanh
@@ -867,7 +867,7 @@ def test_kernel_numerical_gradients_do_not_mutate_their_inputs(backend):
     before = _copies(arrays)
     for method in ("batched", "incremental"):
         kernel = getattr(backend.kernels, f"numerical_gradient_{method}")
-        kernel(weights, biases, arrays["x"], arrays["t"], "tanh", 0.01, 0.1, 1e-4)
+        kernel(GradientProblem(weights, biases, "tanh", 0.01, 0.1, 1e-4), arrays["x"], arrays["t"])
         assert_unchanged(arrays, before, f"numerical_gradient_{method}")
 
 

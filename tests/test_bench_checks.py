@@ -90,10 +90,10 @@ def test_distributed_check_compares_values_and_coverage():
     x, t = distributed_bench.sparse_batch(net, 16)
     want = {name: np.asarray(g) for name, g in net.numerical_gradient(x, t, method="incremental").items()}
     chunks = nd.plan_chunks(net, x, "incremental", 6)
-    assert any(c.kind == "columns" for c in chunks) and any(c.kind == "layers" for c in chunks)
+    assert any(c.span == "columns" for c in chunks) and any(c.span == "layers" for c in chunks)
 
     def piece_of(chunk):
-        if chunk.kind == "columns":
+        if chunk.span == "columns":
             n, span = chunk.layer + 1, slice(chunk.start, chunk.stop)
             return {f"W{n}": want[f"W{n}"][:, span].copy(), f"b{n}": want[f"b{n}"][span].copy()}
         return {

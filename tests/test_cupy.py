@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from backends import get_backend, to_numpy
-from kernels import ACTIVATIONS, KERNEL_NAMES
+from kernels import ACTIVATIONS, KERNEL_NAMES, GradientProblem
 from nets import MultiLayerNet, TwoLayerNet
 from nets.gradient import numerical_gradient
 from tests.conftest import assert_gradients_close, make_backend
@@ -179,7 +179,7 @@ def test_kernels_do_not_synchronize_with_the_host(gpu):
         dscores = k.softmax_cross_entropy_backward(probs, labels)
         dz, _, _ = k.affine_backward(dscores, z, W2)
         k.activation_backward("sigmoid", dz, a, z)
-        k.numerical_gradient_incremental([W1, W2], [b1, b2], x, labels, "sigmoid", 0.01, 0.0, 1e-4)
+        k.numerical_gradient_incremental(GradientProblem([W1, W2], [b1, b2], "sigmoid", 0.01, 0.0, 1e-4), x, labels)
     gpu.synchronize()
     assert np.isfinite(float(loss))
 
@@ -299,6 +299,71 @@ def test_numerical_gradient_in_small_chunks(gpu, monkeypatch, method, chunk_byte
     x, t = make_batch(net)
     want = numpy_naive("deep-decay", "relu", "float64")
     check_numerical(gpu, net, x, t, method, want, f"{method} in chunks of {chunk_bytes} bytes")
+
+
+SELECT_METHODS = ("batched", "incremental", "series")
+
+
+def device_problem(gpu, net) -> GradientProblem:
+    """The net's float64 parameters on the device, as the kernels take them (weight decay, h = 1e-3)."""
+    weights = [net.params[f"W{m}"].astype(np.float64) for m in range(1, net.n_layers + 1)]
+    biases = [net.params[f"b{m}"].astype(np.float64) for m in range(1, net.n_layers + 1)]
+    return GradientProblem(weights, biases, net.activation, net.alpha, 0.02, 1e-3)
+
+
+@pytest.mark.parametrize("chunk_bytes", [2**16, None], ids=["small-chunks", "default-chunks"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("method", SELECT_METHODS)
+def test_select_is_the_slice_of_the_full_call(gpu, monkeypatch, method, activation, chunk_bytes):
+    """select=(layer, start, stop) gives W[:, start:stop] and b[start:stop] of the full call, bit for bit, with
+    progress counting them and kinks holding the full call's rows of those entries (every layer, deep ones
+    computed in skipped chunks of units when the budget is small)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(gpu.kernels, "_MAX_CHUNK_BYTES", chunk_bytes)
+    net = NETS["deep-decay"](activation, gpu.name, "float64")
+    x, t = make_batch(net)
+    x_d, t_d = gpu.asarray(x.astype(np.float64)), gpu.asarray(t.astype(np.int64))
+    problem = device_problem(gpu, net)
+    kernel = getattr(gpu.kernels, f"numerical_gradient_{method}")
+    kinks_full = None if method == "batched" else {}
+    dWs, dbs = kernel(problem, x_d, t_d, kinks=kinks_full)
+    for layer in range(net.n_layers):
+        n_out = net.sizes[layer + 1]
+        for start, stop in sorted({(0, n_out), (0, 1), (n_out - 1, n_out), (1, max(2, n_out // 2))}):
+            done = []
+            kinks = None if method == "batched" else {}
+            dW, db = kernel(problem, x_d, t_d, progress=done.append, kinks=kinks, select=(layer, start, stop))
+            context = f"{method}/{activation} select=({layer}, {start}, {stop})"
+            assert isinstance(dW, gpu.xp.ndarray) and dW.flags.c_contiguous, context
+            assert np.array_equal(to_numpy(dW), to_numpy(dWs[layer])[:, start:stop]), context
+            assert np.array_equal(to_numpy(db), to_numpy(dbs[layer])[start:stop]), context
+            assert sum(done) == (net.sizes[layer] + 1) * (stop - start), context
+            if kinks is not None:
+                assert sorted(kinks) == sorted([f"W{layer + 1}", f"b{layer + 1}"]), context
+                for name, rows in kinks.items():
+                    full = to_numpy(kinks_full[name])
+                    unit = full[:, 0] % n_out
+                    want = full[(unit >= start) & (unit < stop)]
+                    assert np.array_equal(to_numpy(rows), want), f"{context} {name}"
+
+
+def test_select_of_a_user_defined_activation(gpu):
+    """An Activation takes the generic loop on the device too; its selection is the full call's slice."""
+    from kernels.activations import Activation
+
+    softplus = Activation(
+        "softplus", forward=lambda v: gpu.xp.logaddexp(0.0, v), derivative=lambda v: 0.5 * (1 + gpu.xp.tanh(v / 2))
+    )
+    net = MultiLayerNet(12, [9, 7], 5, activation=softplus, weight_init_std=0.5, seed=3, backend=gpu.name)
+    x, t = make_batch(net)
+    x_d, t_d = gpu.asarray(x.astype(np.float64)), gpu.asarray(t.astype(np.int64))
+    problem = device_problem(gpu, net)
+    for method in ("incremental", "series"):
+        kernel = getattr(gpu.kernels, f"numerical_gradient_{method}")
+        dWs, dbs = kernel(problem, x_d, t_d)
+        dW, db = kernel(problem, x_d, t_d, select=(0, 2, 6))
+        assert np.array_equal(to_numpy(dW), to_numpy(dWs[0])[:, 2:6]), method
+        assert np.array_equal(to_numpy(db), to_numpy(dbs[0])[2:6]), method
 
 
 def test_textbook_numerical_gradient_on_device_arrays(gpu):

@@ -83,7 +83,7 @@ def test_bit_identical_to_one_process(client, backend, case, method):
     assert_same_bits(got, want, f"{case} {method} on {backend.name}")
     assert all(np.array_equal(to_numpy(net.params[name]), p) for name, p in params_before.items())
     chunks = nd.plan_chunks(net, x, method, 7)
-    if method == "incremental" and net.n_layers > 2 and backend.name in nd.COLUMN_LOOP_BACKENDS:
+    if method == "incremental" and net.n_layers > 2:
         assert len(chunks) >= 4, f"{case}: expected the hidden layers split into columns, got {chunks}"
 
 
@@ -104,7 +104,7 @@ def test_plan_covers_every_parameter_once(hidden, n_chunks):
     counts = {name: np.zeros(p.shape, dtype=int) for name, p in net.params.items()}
     for chunk in chunks:
         pieces = {name: np.ones_like(c) for name, c in counts.items()}
-        if chunk.kind == "columns":
+        if chunk.span == "columns":
             n, span = chunk.layer + 1, slice(chunk.start, chunk.stop)
             pieces = {f"W{n}": pieces[f"W{n}"][:, span], f"b{n}": pieces[f"b{n}"][span]}
         else:
@@ -118,7 +118,7 @@ def test_plan_covers_every_parameter_once(hidden, n_chunks):
     n_column_layers = max(0, net.n_layers - 2)
     assert len(chunks) >= n_column_layers + 1
     assert len(chunks) <= sum(net.sizes[1 : n_column_layers + 1]) + 1
-    assert chunks[-1].kind == "layers" and chunks[-1].stop == net.n_layers
+    assert chunks[-1].span == "layers" and chunks[-1].stop == net.n_layers
     assert nd.plan_chunks(net, x, "batched", n_chunks) == [nd.Chunk(0, "layers", 0, net.n_layers, net.n_params, 1.0)]
 
 
@@ -126,7 +126,7 @@ def test_plan_balances_by_cost():
     """Column chunks of similar estimated cost; on the benchmark net W1's columns cost the most."""
     small = MultiLayerNet(30, [40, 40, 40], 5, seed=0)
     x, _ = sparse_batch(small, 8, seed=0)
-    costs = [c.cost for c in nd.plan_chunks(small, x, "incremental", 24) if c.kind == "columns"]
+    costs = [c.cost for c in nd.plan_chunks(small, x, "incremental", 24) if c.span == "columns"]
     assert max(costs) < 2 * min(costs)
     large = MultiLayerNet(784, [1000] * 3, 10, seed=0)
     x, _ = sparse_batch(large, 100, seed=0)
@@ -144,7 +144,7 @@ def test_gradient_chunks_are_slices_of_the_gradient(client):
     sample = [chunks[-1], chunks[0], chunks[len(chunks) // 2]]
     pieces = nd.gradient_chunks(net, x, t, sample, client=client)
     for chunk, got in zip(sample, pieces, strict=True):
-        if chunk.kind == "columns":
+        if chunk.span == "columns":
             n, span = chunk.layer + 1, slice(chunk.start, chunk.stop)
             expected = {f"W{n}": want[f"W{n}"][:, span], f"b{n}": want[f"b{n}"][span]}
         else:

@@ -443,12 +443,12 @@ def test_net_params_are_restored_when_the_loss_raises(backend, config, data, exc
 
 # ----------------------------------------------------------------------------- interrupts anywhere
 
-TRACED_FILES = {str(Path(__file__).resolve().parent.parent / f) for f in ("nets/gradient.py", "kernels/_generic.py")}
+TRACED_FILES = {str(Path(__file__).resolve().parent.parent / f) for f in ("nets/gradient.py", "kernels/xp_kernels.py")}
 
 
 def _interrupt_at_line(k: int, call: Callable[[], Any]) -> int:
     """Run call(), raising KeyboardInterrupt at the k-th line executed in nets/gradient.py or
-    kernels/_generic.py, as a Ctrl-C landing there would (sys.settrace: no code is replaced).
+    kernels/xp_kernels.py, as a Ctrl-C landing there would (sys.settrace: no code is replaced).
     Returns the number of such lines executed (all of them when k is beyond the last)."""
     count = 0
 

@@ -9,14 +9,13 @@ parameters would take minutes; the sample keeps the module within ~30 s on two f
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import numpy as np
 import pytest
 
 import kernels
-from kernels import _generic as g
+from kernels import GradientProblem, xp_kernels
 from nets import MultiLayerNet, TwoLayerNet
 from nets.gradient import numerical_gradient
 from nets.optimizers import SGD
@@ -105,20 +104,21 @@ def assert_close_at(got, reference, picks, context):
     assert not problems, f"{context}: not within {ATOL} of the naive loop\n  " + "\n  ".join(problems)
 
 
-def kernel_args(net, x, t, backend=None):
-    """The kernels' positional arguments (weights, biases, x, labels, activation, alpha) on ``backend``."""
+def kernel_args(net, x, t, weight_decay, h, backend=None):
+    """The kernels' positional arguments (GradientProblem, x, labels) on ``backend``."""
     to = np.asarray if backend is None else backend.asarray
     n = net.n_layers
     weights = [to(np.asarray(net.params[f"W{m}"], dtype=np.float64)) for m in range(1, n + 1)]
     biases = [to(np.asarray(net.params[f"b{m}"], dtype=np.float64)) for m in range(1, n + 1)]
-    return weights, biases, to(np.asarray(x, dtype=np.float64)), to(np.asarray(t)), net.activation, net.alpha
+    problem = GradientProblem(weights, biases, net.activation, net.alpha, weight_decay, h)
+    return problem, to(np.asarray(x, dtype=np.float64)), to(np.asarray(t))
 
 
 def kink_entries(net, x, t, h, limit=6):
     """A few entries per array whose perturbation crosses a kink (the series kernel's diagnostics; they
     equal the incremental kernel's, see test_series_and_incremental_report_the_same_entries)."""
     kinks = {}
-    net.backend.kernels.numerical_gradient_series(*kernel_args(net, x, t), 0.0, h, kinks=kinks)
+    net.backend.kernels.numerical_gradient_series(*kernel_args(net, x, t, 0.0, h), kinks=kinks)
     return {name: rows[:limit, 0] for name, rows in kinks.items() if rows.shape[0]}
 
 
@@ -237,7 +237,7 @@ class DirectCounter:
 
     def __init__(self):
         self.triples = 0
-        self.real = g._direct_differences
+        self.real = xp_kernels._direct_differences
 
     def __call__(self, *args, **kwargs):
         self.triples += int(args[8].size)
@@ -250,8 +250,8 @@ def test_forced_fallback_is_still_the_naive_central_difference(backend, activati
     net, x, t = small_problem(activation, 1e-2)
     reference = full_naive(net, x, t, 1e-2)
     counter = DirectCounter()
-    monkeypatch.setattr(g, "SERIES_MAX_ORDER", 1)
-    monkeypatch.setattr(g, "_direct_differences", counter)
+    monkeypatch.setattr(xp_kernels, "SERIES_MAX_ORDER", 1)
+    monkeypatch.setattr(xp_kernels, "_direct_differences", counter)
     other = MultiLayerNet(
         15, [8, 7, 6], 4, activation=activation, weight_init_std=0.5, weight_decay_lambda=0.02, seed=3, backend=backend
     )
@@ -269,8 +269,8 @@ def test_tiny_tail_budget_forces_the_fallback_on_the_seed_net(backend, monkeypat
     picks = sample_entries(reference_net, x)
     reference = naive_at(reference_net, x, t, picks, 1e-4)
     counter = DirectCounter()
-    monkeypatch.setattr(g, "SERIES_TAIL", 0.0)
-    monkeypatch.setattr(g, "_direct_differences", counter)
+    monkeypatch.setattr(xp_kernels, "SERIES_TAIL", 0.0)
+    monkeypatch.setattr(xp_kernels, "_direct_differences", counter)
     net = make_net("seed", backend=backend)
     got = net.numerical_gradient(backend.asarray(x), t, method="series")
     assert counter.triples == int(np.count_nonzero(x)) * 50 + 10 * 50  # every moved input and the bias, every unit
@@ -317,7 +317,7 @@ def planted_relu_problem():
 def test_kinks_name_the_planted_sample_and_unit(backend, method):
     net, x, t = planted_relu_problem()
     kinks = {}
-    getattr(backend.kernels, f"numerical_gradient_{method}")(*kernel_args(net, x, t, backend), 0.02, 1e-4, kinks=kinks)
+    getattr(backend.kernels, f"numerical_gradient_{method}")(*kernel_args(net, x, t, 0.02, 1e-4, backend), kinks=kinks)
     kinks = {name: backend.to_numpy(rows) for name, rows in kinks.items()}
     assert set(kinks) == set(net.params)
     for name, rows in kinks.items():
@@ -334,11 +334,11 @@ def test_kinks_name_the_planted_sample_and_unit(backend, method):
 
 def test_series_and_incremental_report_the_same_entries(backend):
     net, x, t = planted_relu_problem()
-    args = kernel_args(net, x, t, backend)
+    args = kernel_args(net, x, t, 0.02, 1e-4, backend)
     found = {}
     for method in ("incremental", "series"):
         kinks = {}
-        getattr(backend.kernels, f"numerical_gradient_{method}")(*args, 0.02, 1e-4, kinks=kinks)
+        getattr(backend.kernels, f"numerical_gradient_{method}")(*args, kinks=kinks)
         found[method] = {name: set(backend.to_numpy(rows)[:, 0].tolist()) for name, rows in kinks.items()}
     assert found["incremental"] == found["series"]
     assert sum(len(v) for v in found["series"].values()) > 0
@@ -349,7 +349,7 @@ def test_series_and_incremental_report_the_same_entries(backend):
 def test_smooth_nets_have_no_kinks(backend, method, activation):
     net, x, t = small_problem(activation, 1e-4)
     kinks = {}
-    getattr(backend.kernels, f"numerical_gradient_{method}")(*kernel_args(net, x, t, backend), 0.0, 1e-4, kinks=kinks)
+    getattr(backend.kernels, f"numerical_gradient_{method}")(*kernel_args(net, x, t, 0.0, 1e-4, backend), kinks=kinks)
     assert set(kinks) == set(net.params)
     for name, rows in kinks.items():
         rows = backend.to_numpy(rows)
@@ -398,9 +398,8 @@ def test_a_user_defined_activation_is_evaluated_directly(backend):
 
     params = list(zip(weights, biases, strict=True))
     to = backend.asarray
-    dWs, dbs = backend.kernels.numerical_gradient_series(
-        [to(W) for W in weights], [to(b) for b in biases], to(x), to(t), softplus, 0.01, 0.0, 1e-3
-    )
+    problem = GradientProblem([to(W) for W in weights], [to(b) for b in biases], softplus, 0.01, 0.0, 1e-3)
+    dWs, dbs = backend.kernels.numerical_gradient_series(problem, to(x), to(t))
     for m in range(3):
         for array, got in ((weights[m], dWs[m]), (biases[m], dbs[m])):
             want = numerical_gradient(lambda _a, params=params: loss_of(params), array, 1e-3)
@@ -433,28 +432,23 @@ def _deep_relu_pass(depth, n_images, mnist_batch):
     x, t = mnist_batch[0][:n_images].astype(np.float64), mnist_batch[1][:n_images]
     weights = [np.asarray(net.params[f"W{m}"]) for m in range(1, depth + 2)]
     biases = [np.asarray(net.params[f"b{m}"]) for m in range(1, depth + 2)]
-    ops = g.Ops(
-        xp=np,
-        activation=None,
-        set_losses=None,
-        activation_with_derivative=functools.partial(g.activation_with_derivative, np),
-    )
-    cache, derivatives = g._series_forward(np, ops, weights, biases, x, t, "relu", 0.0)
+    ops = xp_kernels.generic_ops(np)
+    cache, derivatives = xp_kernels._series_forward(np, ops, weights, biases, x, t, "relu", 0.0)
     return ops, cache, derivatives, weights
 
 
 def test_later_kink_bounds_bound_the_exact_carry(mnist_batch):
     """S_l >= max over later layers m >= l + 2 of max_q |T_m| / |z_m|, T carried exactly for every pair."""
     ops, cache, derivatives, weights = _deep_relu_pass(5, 20, mnist_batch)
-    next_radius = g._next_layer_radii(ops, cache, derivatives, weights)
-    bounds = g._later_kink_bounds(np, cache, derivatives, weights, next_radius)
+    next_radius = xp_kernels._next_layer_radii(ops, cache, derivatives, weights)
+    bounds = xp_kernels._later_kink_bounds(np, cache, derivatives, weights, next_radius)
     n_layers = len(weights)
     for layer in range(n_layers - 3):
         T = derivatives[layer][:, :, None] * weights[layer + 1][None]  # T_(l+1)
         exact = np.zeros_like(derivatives[layer])
         for m in range(layer + 1, n_layers - 2):
-            T = g._propagate(np, T * derivatives[m][:, None, :], weights[m + 1])
-            exact = np.maximum(exact, g._inverse_kink_radius(np, T, cache.pre[m + 1]))
+            T = xp_kernels._propagate(np, T * derivatives[m][:, None, :], weights[m + 1])
+            exact = np.maximum(exact, xp_kernels._inverse_kink_radius(np, T, cache.pre[m + 1]))
         assert (bounds[layer] >= exact * (1 - 1e-12)).all(), f"layer {layer}: the bound is below the exact term"
         assert (bounds[layer] > 0).any()
 
@@ -467,7 +461,9 @@ def test_pruned_carry_gives_the_same_bits_as_carrying_every_pair(backend, h, mni
     net = MultiLayerNet(784, [100] * 5, 10, activation="relu", seed=0, backend=backend)
     default_kinks, everything_kinks = {}, {}
     default = net.numerical_gradient(backend.asarray(x), t, method="series", h=h, kinks=default_kinks)
-    monkeypatch.setattr(g, "_later_kink_bounds", lambda xp, cache, d, w, r: [xp.full_like(a, xp.inf) for a in d])
+    monkeypatch.setattr(
+        xp_kernels, "_later_kink_bounds", lambda xp, cache, d, w, r: [xp.full_like(a, xp.inf) for a in d]
+    )
     everything = net.numerical_gradient(backend.asarray(x), t, method="series", h=h, kinks=everything_kinks)
     for name in default:
         assert np.array_equal(backend.to_numpy(default[name]), backend.to_numpy(everything[name])), name
@@ -476,13 +472,13 @@ def test_pruned_carry_gives_the_same_bits_as_carrying_every_pair(backend, h, mni
 
 def test_numba_radius_and_direction_series_match_the_numpy_forms():
     """The compiled next-layer radius (zeros included: inf where a moved unit sits at z = 0) and the relu
-    loss series along a direction equal kernels._generic's NumPy forms."""
+    loss series along a direction equal kernels.xp_kernels' NumPy forms."""
     nk = pytest.importorskip("kernels.numba_kernels")
     rng = np.random.default_rng(5)
     slope = rng.standard_normal((7, 9)) * (rng.random((7, 9)) > 0.3)
     W = rng.standard_normal((9, 11)) * (rng.random((9, 11)) > 0.2)
     z = rng.standard_normal((7, 11)) * (rng.random((7, 11)) > 0.1)
-    want = g._next_layer_inverse_radius(np, slope, W, z)
+    want = xp_kernels._next_layer_inverse_radius(np, slope, W, z)
     assert np.isinf(want).any() and np.array_equal(nk._next_layer_inverse_radius(slope, W, z), want)
     V = rng.standard_normal((7, 9, 4)) * 3.0
     V[0, 0] = 0.0  # a direction that does not move the loss
@@ -495,15 +491,15 @@ def test_numba_radius_and_direction_series_match_the_numpy_forms():
     spread = np.abs(V - np.take_along_axis(V, labels[:, None, None].repeat(9, 1), axis=2))
     widest = spread.max(axis=2)
     with np.errstate(divide="ignore", invalid="ignore"):
-        radius = np.where(widest > 0, g._LOSS_RADIUS / np.where(widest > 0, widest, 1.0), 0.0)
+        radius = np.where(widest > 0, xp_kernels._LOSS_RADIUS / np.where(widest > 0, widest, 1.0), 0.0)
         zeta = np.where(
             widest > 0, 0.5 * (spread * probs[:, None, :]).sum(axis=2) / np.where(widest > 0, widest, 1.0), 0.0
         )
         reach = np.minimum(rho[:, None], np.where(inverse_radius > 0, 1.0 / inverse_radius, np.inf))
         ratio = np.where(widest > 0, reach / np.where(widest > 0, radius, 1.0), 0.0)
-    assert np.array_equal(needed, g._order_needed(np, ratio, -np.log1p(-zeta), 1e-2))
+    assert np.array_equal(needed, xp_kernels._order_needed(np, ratio, -np.log1p(-zeta), 1e-2))
     assert needed.max() > 1 and needed[0, 0] == 1
-    want = g._loss_series(np, probs, labels, [V], len(coefficients))
+    want = xp_kernels._loss_series(np, probs, labels, [V], len(coefficients))
     for n, (got_n, want_n) in enumerate(zip(coefficients, want, strict=True), start=1):
         # the two forms sum the cumulant recurrence in different orders, which loses digits as the order
         # grows (order 6 here: a few 1e-12 relative): the check is on the value, not the last bits

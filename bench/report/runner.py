@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from bench.report.results import REPO
+from nets.progress import Progress
 
 BENCH_DIR = REPO / "bench"
 RESULTS_DIR = BENCH_DIR / "results"
@@ -74,11 +75,11 @@ def pytest_command(run: SuiteRun, profile: str, backends: Sequence[str], keyword
 
 
 class PhaseBars:
-    """One tqdm bar per phase, one after the other: each is left on its own line when its phase is done."""
+    """One progress bar per phase (nets.progress), one after the other: each is left on its own line when done."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
-        self.bar: Any = None
+        self.bar: Progress | None = None
         self.phase: str | None = None
         self.counts: dict[str, int] = {}
         self.failed: dict[str, int] = {}
@@ -92,16 +93,16 @@ class PhaseBars:
             self._open(phases[0][0])
 
     def done(self, phase: str, outcome: str) -> None:
-        if phase != self.phase:
+        if phase != self.phase or self.bar is None:
             self._open(phase)
         if outcome == "failed":
             self.failed[phase] = self.failed.get(phase, 0) + 1
         elif outcome == "skipped":
             self.skipped[phase] = self.skipped.get(phase, 0) + 1
         counts = (("failed", self.failed.get(phase, 0)), ("skipped", self.skipped.get(phase, 0)))
-        self.bar.set_postfix_str(", ".join(f"{n} {what}" for what, n in counts if n), refresh=False)
+        self.bar.postfix(", ".join(f"{n} {what}" for what, n in counts if n))
         self.bar.update(1)
-        if self.bar.n >= self.bar.total:
+        if self.bar.finished:
             self._close_bar()
             phases = list(self.counts)
             following = phases.index(phase) + 1 if phase in phases else len(phases)
@@ -109,18 +110,15 @@ class PhaseBars:
                 self._open(phases[following])
 
     def _open(self, phase: str) -> None:
-        from tqdm import tqdm
-
         self._close_bar()
         self.phase = phase
         width = max((len(p) for p in self.counts), default=len(phase))
-        self.bar = tqdm(
-            total=self.counts.get(phase, 1),
-            desc=phase.ljust(width),
+        self.bar = Progress(
+            True,
+            self.counts.get(phase, 1),
+            phase.ljust(width),
             unit="bench",
-            file=self.stream,
-            leave=True,
-            dynamic_ncols=True,
+            stream=self.stream,
             bar_format="{desc} {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}",
         )
 

@@ -1,18 +1,23 @@
-"""Array-module-generic building blocks shared by the kernel modules.
+"""The kernels written once against an array module ``xp`` (numpy or cupy): the shared implementation.
 
-Every function takes the array module ``xp`` (numpy or cupy) as its first argument, so one
-implementation serves both; backend modules pass their own fused ``ops`` where they have them.
+Every name of the kernel contract (kernels.KERNEL_NAMES, kernels/__init__.py) is defined here with an
+``Ops`` as its first argument: the array module ``xp`` plus the pieces a backend fuses itself (its
+activation, its per-set losses, optional fast paths). ``bound(ops)`` gives the whole contract with
+ops bound, which is all of kernels/numpy_kernels.py; the Numba and CuPy modules call these functions
+with their own Ops, or replace them. The helpers below take ``xp`` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from kernels import KERNEL_NAMES, LEAKY_SLOPE, GradientProblem
 from kernels.activations import Activation
 
 Array = Any
@@ -26,53 +31,36 @@ def _in_dtype_of(xp, result: Array, x: Array) -> Array:
     return xp.asarray(result, dtype=x.dtype)
 
 
-def activation_forward(xp, kind: str | Activation, x: Array, alpha: float) -> Array:
+def _activation(xp, activation: str | Activation, x: Array, alpha: float) -> Array:
     """Elementwise activation (a built-in name, or an Activation: its NumPy form).
 
     Sigmoid is 1 / (1 + exp(-x)), which is exact at the extremes too: where exp(-x) overflows to
     inf the result is 0, and that overflow is not reported.
     """
-    if not isinstance(kind, str):
-        return _in_dtype_of(xp, kind.forward(x), x)
-    if kind == "relu":
+    if not isinstance(activation, str):
+        return _in_dtype_of(xp, activation.forward(x), x)
+    if activation == "relu":
         return xp.maximum(x, 0)
-    if kind == "sigmoid":
+    if activation == "sigmoid":
         errstate = getattr(xp, "errstate", None)  # numpy's; cupy reports no overflow
         with errstate(over="ignore") if errstate else contextlib.nullcontext():
             e = xp.exp(-x)
         return 1 / (1 + e)
-    if kind == "tanh":
+    if activation == "tanh":
         return xp.tanh(x)
-    if kind == "leaky_relu":
+    if activation == "leaky_relu":
         return xp.where(x > 0, x, x * x.dtype.type(alpha))
-    raise ValueError(f"unknown activation {kind!r}")
+    raise ValueError(f"unknown activation {activation!r}")
 
 
-def activation_backward(xp, kind: str | Activation, dout: Array, x: Array, y: Array, alpha: float) -> Array:
-    """dL/dx from dL/dy for the activation y = f(x) (an Activation: dout * its NumPy derivative)."""
-    if not isinstance(kind, str):
-        return dout * _in_dtype_of(xp, kind.derivative(x), dout)
-    if kind == "relu":
-        return xp.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
-    if kind == "sigmoid":  # e / (1 + e)^2 with e = exp(-|x|): exact where (1 - y) * y would cancel
-        e = xp.exp(-xp.abs(x))
-        return dout * (e / ((1 + e) * (1 + e)))
-    if kind == "tanh":  # 4 e / (1 + e)^2 with e = exp(-2|x|), rather than 1 - y^2
-        e = xp.exp(-2 * xp.abs(x))
-        return dout * (4 * e / ((1 + e) * (1 + e)))
-    if kind == "leaky_relu":
-        return xp.where(x > 0, dout, dout * dout.dtype.type(alpha))
-    raise ValueError(f"unknown activation {kind!r}")
-
-
-def activation_with_derivative(xp, kind: str | Activation, a: Array, alpha: float) -> tuple[Array, Array]:
+def activation_with_derivative(xp, activation: str | Activation, a: Array, alpha: float) -> tuple[Array, Array]:
     """(f(a), f'(a)) in one sweep, for backprop; the derivative is cancellation-free.
 
     An Activation gives its NumPy forward and derivative.
     """
-    if not isinstance(kind, str):
-        return _in_dtype_of(xp, kind.forward(a), a), _in_dtype_of(xp, kind.derivative(a), a)
-    if kind == "sigmoid":  # e = exp(-|a|): f = 1/(1+e) or e/(1+e); f' = e/(1+e)^2
+    if not isinstance(activation, str):
+        return _in_dtype_of(xp, activation.forward(a), a), _in_dtype_of(xp, activation.derivative(a), a)
+    if activation == "sigmoid":  # e = exp(-|a|): f = 1/(1+e) or e/(1+e); f' = e/(1+e)^2
         e = xp.abs(a)
         xp.negative(e, out=e)
         xp.exp(e, out=e)
@@ -82,7 +70,7 @@ def activation_with_derivative(xp, kind: str | Activation, a: Array, alpha: floa
         derivative = e * r
         xp.copyto(r, e, where=a < 0)  # r becomes f(a)
         return r, derivative
-    if kind == "tanh":  # f' = 4e/(1+e)^2 with e = exp(-2|a|)
+    if activation == "tanh":  # f' = 4e/(1+e)^2 with e = exp(-2|a|)
         e = xp.abs(a)
         e *= -2
         xp.exp(e, out=e)
@@ -92,14 +80,14 @@ def activation_with_derivative(xp, kind: str | Activation, a: Array, alpha: floa
         e *= r
         e *= 4
         return xp.tanh(a), e
-    if kind == "relu":
+    if activation == "relu":
         positive = a > 0
         return xp.maximum(a, 0), positive.astype(a.dtype)
-    if kind == "leaky_relu":
+    if activation == "leaky_relu":
         positive = a > 0
         slope = a.dtype.type(alpha)
         return xp.where(positive, a, a * slope), xp.where(positive, a.dtype.type(1), slope)
-    raise ValueError(f"unknown activation {kind!r}")
+    raise ValueError(f"unknown activation {activation!r}")
 
 
 def softmax_cross_entropy_gradient(xp, scores: Array, labels: Array) -> tuple[Array, Array]:
@@ -117,7 +105,145 @@ def softmax_cross_entropy_gradient(xp, scores: Array, labels: Array) -> tuple[Ar
     return loss, scores
 
 
-def network_gradient(xp, ops: Ops, weights, biases, x, labels, activation, alpha):
+def log_softmax_parts(xp, scores: Array) -> tuple[Array, Array, Array]:
+    """(shifted, exp(shifted), row sums) with shifted = scores - rowmax, over the last axis."""
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    e = xp.exp(shifted)
+    return shifted, e, e.sum(axis=-1, keepdims=True)
+
+
+def set_losses(xp, scores: Array, labels: Array) -> Array:
+    """Mean cross-entropy per parameter set. scores: (B, S, C); labels: (B,) -> (S,)."""
+    shifted, _, total = log_softmax_parts(xp, scores)
+    index = xp.broadcast_to(labels[:, None, None], shifted.shape[:2] + (1,))
+    picked = xp.take_along_axis(shifted, index, axis=2)
+    return (xp.log(total[..., 0]) - picked[..., 0]).mean(axis=0)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The array module and the elementwise pieces a backend plugs into the kernels written here."""
+
+    xp: Any
+    activation: Callable[[str | Activation, Array, float], Array]  # (activation, x 2-D, alpha) -> f(x)
+    set_losses: Callable[[Array, Array], Array]  # (scores (B, S, C), labels (B,)) -> (S,)
+    # backprop pieces: (activation, a, alpha) -> (f(a), f'(a)); (scores, labels) -> (loss, dscores)
+    activation_with_derivative: Callable[..., tuple[Array, Array]] | None = None
+    softmax_cross_entropy_gradient: Callable[..., tuple[Array, Array]] | None = None
+    # optional fast path for the layer that feeds the output layer: same arguments and result as
+    # _hidden_layer_differences (columns included)
+    hidden_to_output: Callable[..., tuple[Array, Array]] | None = None
+    # optional fast path of the series method for the layer that feeds the output layer: same
+    # arguments and result as _output_feeding_pair_series
+    output_feeding_series: Callable[..., tuple] | None = None
+    # optional fast path of the series method's next-layer kink radius: same arguments and result as
+    # _next_layer_inverse_radius without its xp
+    next_layer_inverse_radius: Callable[..., Array] | None = None
+    # optional fast path of the relu/leaky loss series along each pair's direction: (V (B, J, C), probs,
+    # labels, rho, inverse radius, h) -> (coefficients [L_1..L_K], order needed), as _piecewise_pair_series
+    direction_series: Callable[..., tuple] | None = None
+
+
+def generic_ops(xp) -> Ops:
+    """The Ops made of this module's array expressions alone: NumPy's kernels, and a fallback for any xp."""
+    return Ops(
+        xp=xp,
+        activation=partial(_activation, xp),
+        set_losses=partial(set_losses, xp),
+        activation_with_derivative=partial(activation_with_derivative, xp),
+        softmax_cross_entropy_gradient=partial(softmax_cross_entropy_gradient, xp),
+    )
+
+
+def bound(ops: Ops) -> dict[str, Callable[..., Any]]:
+    """{name: the contract function of that name here, with ops bound as its first argument} for KERNEL_NAMES.
+
+    Each is a functools.partial carrying the function's name and docstring; its signature is the
+    contract's (inspect.signature drops the bound ops).
+    """
+    kernels = {}
+    for name in KERNEL_NAMES:
+        function = globals()[name]
+        kernel = partial(function, ops)
+        kernel.__name__ = kernel.__qualname__ = name
+        kernel.__doc__ = function.__doc__
+        kernels[name] = kernel
+    return kernels
+
+
+# ----------------------------------------------------------------------------- the contract's array kernels
+
+
+def affine_forward(ops: Ops, x: Array, W: Array, b: Array) -> Array:
+    """x (B, I) @ W (I, O) + b (O,) -> (B, O), in x's dtype."""
+    out = x @ W
+    out += b
+    return out
+
+
+def affine_backward(ops: Ops, dout: Array, x: Array, W: Array, need_dx: bool = True):
+    """(dx (B, I) or None, dW (I, O), db (O,)) from dout (B, O)."""
+    dx = dout @ W.T if need_dx else None
+    return dx, x.T @ dout, dout.sum(axis=0)
+
+
+def activation_forward(ops: Ops, activation: str | Activation, x: Array, alpha: float = LEAKY_SLOPE) -> Array:
+    """Elementwise f(x) (a built-in name, or an Activation: its NumPy form), x's shape and dtype."""
+    return _activation(ops.xp, activation, x, alpha)
+
+
+def activation_backward(
+    ops: Ops, activation: str | Activation, dout: Array, x: Array, y: Array, alpha: float = LEAKY_SLOPE
+) -> Array:
+    """dL/dx from dL/dy for the activation y = f(x) (an Activation: dout * its NumPy derivative)."""
+    xp = ops.xp
+    if not isinstance(activation, str):
+        return dout * _in_dtype_of(xp, activation.derivative(x), dout)
+    if activation == "relu":
+        return xp.where(x > 0, dout, 0).astype(dout.dtype, copy=False)
+    if activation == "sigmoid":  # e / (1 + e)^2 with e = exp(-|x|): exact where (1 - y) * y would cancel
+        e = xp.exp(-xp.abs(x))
+        return dout * (e / ((1 + e) * (1 + e)))
+    if activation == "tanh":  # 4 e / (1 + e)^2 with e = exp(-2|x|), rather than 1 - y^2
+        e = xp.exp(-2 * xp.abs(x))
+        return dout * (4 * e / ((1 + e) * (1 + e)))
+    if activation == "leaky_relu":
+        return xp.where(x > 0, dout, dout * dout.dtype.type(alpha))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def softmax(ops: Ops, scores: Array) -> Array:
+    """Softmax over the last axis, stable for scores of +-1e3."""
+    _, e, total = log_softmax_parts(ops.xp, scores)
+    return e / total
+
+
+def softmax_cross_entropy(ops: Ops, scores: Array, target: Array) -> tuple[Array, Array]:
+    """Mean cross-entropy of softmax(scores) by log-sum-exp, and the probabilities."""
+    xp = ops.xp
+    shifted, probs, total = log_softmax_parts(xp, scores)
+    probs /= total
+    log_total = xp.log(total[:, 0])
+    if target.ndim == 1:
+        per_sample = log_total - shifted[xp.arange(scores.shape[0]), target]
+    else:
+        per_sample = (target * (log_total[:, None] - shifted)).sum(axis=1)
+    return per_sample.sum() / scores.shape[0], probs  # the mean, without mean()'s per-call overhead
+
+
+def softmax_cross_entropy_backward(ops: Ops, probs: Array, target: Array, dout: float = 1.0) -> Array:
+    """(probs - onehot(target)) * dout / B."""
+    batch = probs.shape[0]
+    if target.ndim == 1:
+        grad = probs.copy()
+        grad[ops.xp.arange(batch), target] -= 1
+    else:
+        grad = probs - target
+    grad *= probs.dtype.type(dout / batch)
+    return grad
+
+
+def network_gradient(ops: Ops, weights, biases, x, labels, activation, alpha=LEAKY_SLOPE):
     """Fused backprop of an affine/activation stack with softmax cross-entropy: (loss, dWs, dbs).
 
     The forward pass keeps f'(a) rather than a and f(a); the scores buffer becomes dL/dscores in
@@ -144,74 +270,49 @@ def network_gradient(xp, ops: Ops, weights, biases, x, labels, activation, alpha
     return loss, dWs, dbs
 
 
-def log_softmax_parts(xp, scores: Array) -> tuple[Array, Array, Array]:
-    """(shifted, exp(shifted), row sums) with shifted = scores - rowmax, over the last axis."""
-    shifted = scores - scores.max(axis=-1, keepdims=True)
-    e = xp.exp(shifted)
-    return shifted, e, e.sum(axis=-1, keepdims=True)
+# ----------------------------------------------------------------------------- choosing the parameters
 
 
-def softmax_cross_entropy(xp, scores: Array, target: Array) -> tuple[Array, Array]:
-    """Mean cross-entropy of softmax(scores) by log-sum-exp, and the probabilities."""
-    shifted, probs, total = log_softmax_parts(xp, scores)
-    probs /= total
-    log_total = xp.log(total[:, 0])
-    if target.ndim == 1:
-        per_sample = log_total - shifted[xp.arange(scores.shape[0]), target]
-    else:
-        per_sample = (target * (log_total[:, None] - shifted)).sum(axis=1)
-    return per_sample.sum() / scores.shape[0], probs  # the mean, without mean()'s per-call overhead
+def selection(select, weights) -> tuple[range, slice | None]:
+    """(the layers to compute, the selected columns or None) of a numerical-gradient kernel's ``select``.
+
+    select: None (every layer) or (layer, start, stop), layer 0-based, 0 <= start < stop <= O_layer.
+    """
+    if select is None:
+        return range(len(weights)), None
+    try:
+        layer, start, stop = (operator.index(value) for value in select)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"select must be None or (layer, start, stop) of integers; got {select!r}") from err
+    if not 0 <= layer < len(weights):
+        raise ValueError(f"select layer {layer} is not one of the net's layers 0..{len(weights) - 1}")
+    n_out = weights[layer].shape[1]
+    if not 0 <= start < stop <= n_out:
+        raise ValueError(f"select columns {start}:{stop} are not a non-empty range of layer {layer}'s {n_out}")
+    return range(layer, layer + 1), slice(start, stop)
 
 
-def softmax_cross_entropy_backward(xp, probs: Array, target: Array, dout: float) -> Array:
-    """(probs - onehot(target)) * dout / B."""
-    batch = probs.shape[0]
-    if target.ndim == 1:
-        grad = probs.copy()
-        grad[xp.arange(batch), target] -= 1
-    else:
-        grad = probs - target
-    grad *= probs.dtype.type(dout / batch)
-    return grad
+def _selected_result(xp, dWs: list, dbs: list, columns: slice | None):
+    """The kernels' return value: (dWs, dbs) for the full call, else the one selected pair, contiguous."""
+    if columns is None:
+        return dWs, dbs
+    return xp.ascontiguousarray(dWs[0]), xp.ascontiguousarray(dbs[0])
 
 
-def set_losses(xp, scores: Array, labels: Array) -> Array:
-    """Mean cross-entropy per parameter set. scores: (B, S, C); labels: (B,) -> (S,)."""
-    shifted, _, total = log_softmax_parts(xp, scores)
-    index = xp.broadcast_to(labels[:, None, None], shifted.shape[:2] + (1,))
-    picked = xp.take_along_axis(shifted, index, axis=2)
-    return (xp.log(total[..., 0]) - picked[..., 0]).mean(axis=0)
+def _record_kinks(xp, kinks: dict, layer: int, rows: Array, W: Array, columns: slice | None) -> None:
+    """Store a layer's kink rows (flat indices into its (I + 1, O) block) as kinks["W<l>"], kinks["b<l>"],
+    keeping only the rows of the selected columns when there are any."""
+    if columns is not None:
+        unit = rows[:, 0] % W.shape[1]
+        rows = rows[(unit >= columns.start) & (unit < columns.stop)]
+    _store_kinks(xp, kinks, layer, rows, W.size)
 
 
-@dataclass(frozen=True)
-class Ops:
-    """The elementwise pieces a backend plugs into the generic numerical-gradient drivers."""
-
-    xp: Any
-    activation: Callable[[str, Array, float], Array]  # (kind, x 2-D, alpha) -> f(x)
-    set_losses: Callable[[Array, Array], Array]  # (scores (B, S, C), labels (B,)) -> (S,)
-    # backprop pieces: (kind, a, alpha) -> (f(a), f'(a)); (scores, labels) -> (loss, dscores)
-    activation_with_derivative: Callable[..., tuple[Array, Array]] | None = None
-    softmax_cross_entropy_gradient: Callable[..., tuple[Array, Array]] | None = None
-    # optional fast path for the layer that feeds the output layer: same arguments and result as
-    # _hidden_layer_differences
-    hidden_to_output: Callable[..., tuple[Array, Array]] | None = None
-    # optional fast path of the series method for the layer that feeds the output layer: same
-    # arguments and result as _output_feeding_pair_series
-    output_feeding_series: Callable[..., tuple] | None = None
-    # optional fast path of the series method's next-layer kink radius: same arguments and result as
-    # _next_layer_inverse_radius without its xp
-    next_layer_inverse_radius: Callable[..., Array] | None = None
-    # optional fast path of the relu/leaky loss series along each pair's direction: (V (B, J, C), probs,
-    # labels, rho, inverse radius, h) -> (coefficients [L_1..L_K], order needed), as _piecewise_pair_series
-    direction_series: Callable[..., tuple] | None = None
-
-
-def _param_views(weights, biases):
-    """(layer, kind, array) for every parameter array, in the order W1, b1, W2, b2, ..."""
-    for layer, (W, b) in enumerate(zip(weights, biases, strict=True)):
-        yield layer, "W", W
-        yield layer, "b", b
+def _n_selected(W: Array, columns: slice | None) -> int:
+    """How many parameters of W and its bias the selection covers (all of them for None)."""
+    n_in, n_out = W.shape
+    width = n_out if columns is None else columns.stop - columns.start
+    return (n_in + 1) * width
 
 
 def _decay_difference(xp, values: Array, weight_decay: float, h: float) -> Array:
@@ -221,17 +322,25 @@ def _decay_difference(xp, values: Array, weight_decay: float, h: float) -> Array
     return 0.5 * weight_decay * ((values + h) ** 2 - (values - h) ** 2) / (2 * h)
 
 
+# ----------------------------------------------------------------------------- the batched method
+
+
+def _param_views(weights, biases):
+    """(layer, part, array) for every parameter array, in the order W1, b1, W2, b2, ...; part is "W" or "b"."""
+    for layer, (W, b) in enumerate(zip(weights, biases, strict=True)):
+        yield layer, "W", W
+        yield layer, "b", b
+
+
 def numerical_gradient_batched(
     ops: Ops,
-    weights,
-    biases,
+    problem: GradientProblem,
     x,
     labels,
-    activation,
-    alpha,
-    weight_decay,
-    h,
     progress=None,
+    kinks=None,
+    select=None,
+    *,
     chunk_bytes=BATCHED_CHUNK_BYTES,
 ):
     """Brute force, batched: full forward passes for many perturbed parameter sets per GEMM.
@@ -244,61 +353,95 @@ def numerical_gradient_batched(
     One exact shortcut: an input feature that is zero for the whole batch adds exactly 0 to
     every product, so it is left out of x @ W1, and its row of W1 (whose loss difference is
     exactly 0) is not perturbed.
+
+    select: the chunks of the full call (same sets, same GEMM shapes) that hold a selected entry,
+    and only those, so the result is the full call's slice bit for bit. A bias range is a few
+    chunks; a column range of W is every chunk that reaches those columns (all of them when a chunk
+    is wider than a row of W). kinks: must be None (the brute force tracks no branches).
     """
+    if kinks is not None:
+        raise ValueError("numerical_gradient_batched does not report kinks: pass kinks=None")
     xp = ops.xp
-    n_layers = len(weights)
+    weights, biases, h = problem.weights, problem.biases, problem.h
+    layers, columns = selection(select, weights)
     active = xp.flatnonzero((x != 0).any(axis=0))
     x_used = xp.ascontiguousarray(x[:, active])
     weights_used = [xp.ascontiguousarray(weights[0][active])] + list(weights[1:])
+    args = (ops, weights_used, biases, x_used, labels, problem.activation, problem.alpha)
     grads = {}
-    for layer, kind, P in _param_views(weights, biases):
+    for layer, part, P in _param_views(weights, biases):
+        if layer not in layers:
+            continue
         flat_grad = xp.zeros(P.size, dtype=xp.float64)
-        used = weights_used[layer] if kind == "W" else P
+        used = weights_used[layer] if part == "W" else P
         targets = xp.arange(used.size)  # flat indices into ``used``
-        for start, losses in _batched_chunks(
-            ops, weights_used, biases, x_used, labels, activation, alpha, layer, kind, used, h, chunk_bytes
-        ):
+        row_width = P.shape[1] if part == "W" else P.size  # a flat index's column is its remainder by this
+        wanted = None if columns is None else partial(_chunk_reaches, row_width, columns)
+        chunks = _batched_chunks(*args, layer, part, used, h, chunk_bytes, wanted)
+        for start, losses in chunks:
             k = losses.size // 2
-            flat_grad[_full_index(xp, layer, kind, P, active, targets[start : start + k])] = (
+            flat_grad[_full_index(xp, layer, part, P, active, targets[start : start + k])] = (
                 losses[:k] - losses[k:]
             ) / (2 * h)
-            if progress is not None:
+            if progress is not None and columns is None:
                 progress(k)
-        if progress is not None and P.size > used.size:
+        if progress is not None and columns is None and P.size > used.size:
             progress(P.size - used.size)
         grad = flat_grad.reshape(P.shape)
-        if kind == "W":
-            grad += _decay_difference(xp, P, weight_decay, h)
-        grads[layer, kind] = grad
-    return [grads[m, "W"] for m in range(n_layers)], [grads[m, "b"] for m in range(n_layers)]
+        if columns is not None:
+            grad = grad[:, columns] if part == "W" else grad[columns]
+            if progress is not None:
+                progress(grad.size)
+        if part == "W":
+            grad += _decay_difference(xp, P if columns is None else P[:, columns], problem.weight_decay, h)
+        grads[layer, part] = grad
+    dWs, dbs = [grads[m, "W"] for m in layers], [grads[m, "b"] for m in layers]
+    return _selected_result(xp, dWs, dbs, columns)
 
 
-def _full_index(xp, layer, kind, P, active, local):
+def _chunk_reaches(row_width: int, columns: slice, start: int, k: int) -> bool:
+    """Whether the flat indices start .. start + k - 1 of rows row_width wide hold a column in ``columns``."""
+    if k >= row_width:
+        return True
+    first, last = start % row_width, (start + k - 1) % row_width
+    if first <= last:
+        return first < columns.stop and last >= columns.start
+    return columns.stop > first or columns.start <= last  # the chunk wraps onto the next row
+
+
+def _full_index(xp, layer, part, P, active, local):
     """Flat indices into P of the flat indices ``local`` into its used (active-rows) version."""
-    if kind == "W" and layer == 0:
+    if part == "W" and layer == 0:
         return active[local // P.shape[1]] * P.shape[1] + local % P.shape[1]
     return local
 
 
-def _batched_chunks(ops: Ops, weights, biases, x, labels, activation, alpha, layer, kind, P, h, chunk_bytes):
-    """Yield (start, losses (2k,)) for consecutive chunks of P's flat indices: +h sets, then -h sets."""
+def _batched_chunks(
+    ops: Ops, weights, biases, x, labels, activation, alpha, layer, part, P, h, chunk_bytes, wanted=None
+):
+    """Yield (start, losses (2k,)) for consecutive chunks of P's flat indices: +h sets, then -h sets.
+
+    wanted: None (every chunk), or wanted(start, k) -> bool, and the chunks it rejects are skipped
+    (the others are the same sets either way)."""
     xp = ops.xp
     batch = x.shape[0]
     widths = [W.shape[1] for W in weights]
-    per_set = 8 * (batch * (x.shape[1] + 3 * sum(widths)) + (P.size if kind == "W" else 0))
+    per_set = 8 * (batch * (x.shape[1] + 3 * sum(widths)) + (P.size if part == "W" else 0))
     k_max = int(max(1, min(P.size, chunk_bytes // (2 * per_set))))
     # the perturbed copies of P side by side, reused across chunks: only the moved entries change
-    if kind == "W" and layer == 0:
+    if part == "W" and layer == 0:
         stacked = xp.ascontiguousarray(xp.broadcast_to(P[:, None, :], (P.shape[0], 2 * k_max, P.shape[1])))
     else:
         stacked = xp.ascontiguousarray(xp.broadcast_to(P[None], (2 * k_max,) + P.shape))
     for start in range(0, P.size, k_max):
         k = min(k_max, P.size - start)
+        if wanted is not None and not wanted(start, k):
+            continue
         idx = xp.arange(start, start + k)
         flat_idx = xp.concatenate([idx, idx])
         signs = xp.concatenate([xp.full(k, h), xp.full(k, -h)])
         set_ids = xp.arange(2 * k)
-        if kind == "W":
+        if part == "W":
             rows, cols = flat_idx // P.shape[1], flat_idx % P.shape[1]
             moved = (rows, set_ids, cols) if layer == 0 else (set_ids, rows, cols)
             original = P[rows, cols]
@@ -306,12 +449,12 @@ def _batched_chunks(ops: Ops, weights, biases, x, labels, activation, alpha, lay
             moved = (set_ids, flat_idx)
             original = P[flat_idx]
         stacked[moved] = original + signs
-        losses = _batched_losses(ops, weights, biases, x, labels, activation, alpha, layer, kind, stacked, 2 * k)
+        losses = _batched_losses(ops, weights, biases, x, labels, activation, alpha, layer, part, stacked, 2 * k)
         stacked[moved] = original
         yield start, losses
 
 
-def _batched_losses(ops: Ops, weights, biases, x, labels, activation, alpha, layer, kind, stacked, sets):
+def _batched_losses(ops: Ops, weights, biases, x, labels, activation, alpha, layer, part, stacked, sets):
     """Loss of each of the first ``sets`` perturbed parameter sets: a full forward pass each. -> (S,)"""
     xp = ops.xp
     batch = x.shape[0]
@@ -320,18 +463,21 @@ def _batched_losses(ops: Ops, weights, biases, x, labels, activation, alpha, lay
     for m in range(n_layers):
         W, b = weights[m], biases[m]
         n_in, n_out = W.shape
-        if m == layer and kind == "W" and m == 0:  # one GEMM against the side-by-side perturbed matrices
+        if m == layer and part == "W" and m == 0:  # one GEMM against the side-by-side perturbed matrices
             a = (x @ stacked[:, :sets].reshape(n_in, sets * n_out)).reshape(batch, sets, n_out)
-        elif m == layer and kind == "W":  # one batched matmul, a perturbed matrix per set
+        elif m == layer and part == "W":  # one batched matmul, a perturbed matrix per set
             a = xp.matmul(state.transpose(1, 0, 2), stacked[:sets]).transpose(1, 0, 2)
         else:
             if state is None:  # brute force: every set runs its own full pass, unperturbed layers included
                 state = xp.broadcast_to(x[:, None, :], (batch, sets, n_in))
             a = (xp.ascontiguousarray(state).reshape(batch * sets, n_in) @ W).reshape(batch, sets, n_out)
-        a += stacked[:sets][None] if (m == layer and kind == "b") else b
+        a += stacked[:sets][None] if (m == layer and part == "b") else b
         if m < n_layers - 1:
             state = ops.activation(activation, a.reshape(batch * sets, n_out), alpha).reshape(a.shape)
     return ops.set_losses(a, labels)
+
+
+# ----------------------------------------------------------------------------- the incremental method
 
 
 @dataclass
@@ -388,7 +534,7 @@ def _last_layer_differences(xp, cache: ForwardCache, labels, h):
 
 
 def numerical_gradient_incremental(
-    ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
+    ops: Ops, problem: GradientProblem, x, labels, progress=None, kinks=None, select=None
 ):
     """Exact central differences, recomputing only what each perturbation changes.
 
@@ -398,34 +544,46 @@ def numerical_gradient_incremental(
     samples whose input[b, i] is non-zero. An input that is zero for the whole batch gives a
     loss difference of exactly 0, so it is skipped (b_l behaves like an input of ones).
     ``kinks``: see kernels/__init__ (the recomputed pre-activations are compared with the base pass).
+
+    select: a hidden layer computes only the selected columns (each column is its own loop
+    iteration over the same (input, sample) pairs, so they are the full call's bit for bit), and so
+    does ops.hidden_to_output where a backend has one; the output layer (closed form over the whole
+    layer, cheap) is computed whole and sliced.
     """
     xp = ops.xp
+    weights, biases, activation = problem.weights, problem.biases, problem.activation
+    alpha, h = problem.alpha, problem.h
     n_layers = len(weights)
+    layers, columns = selection(select, weights)
     cache = forward_cache(xp, ops, weights, biases, x, labels, activation, alpha)
     detect = kinks is not None and isinstance(activation, str) and activation in _KINKED
+    chosen = slice(None) if columns is None else columns
+    units = None if columns is None else range(columns.start, columns.stop)
     dWs, dbs = [], []
-    for layer in range(n_layers):
+    for layer in layers:
         W = weights[layer]
         crossings = [] if detect else None
         if layer == n_layers - 1:
             dW, db = _last_layer_differences(xp, cache, labels, h)
+            if columns is not None:
+                dW, db = dW[:, columns], db[columns]
         elif layer == n_layers - 2 and ops.hidden_to_output is not None:
-            dW, db = ops.hidden_to_output(cache, weights, biases, labels, activation, alpha, h, layer)
+            dW, db = ops.hidden_to_output(cache, weights, biases, labels, activation, alpha, h, layer, units)
             if detect:
                 crossings.append(_unit_crossing_rows(xp, cache, h, layer))
         else:
             dW, db = _hidden_layer_differences(
-                ops, cache, weights, biases, labels, activation, alpha, h, layer, crossings=crossings
+                ops, cache, weights, biases, labels, activation, alpha, h, layer, units, crossings
             )
-        dW += _decay_difference(xp, W, weight_decay, h)
+        dW += _decay_difference(xp, W[:, chosen], problem.weight_decay, h)
         dWs.append(dW)
         dbs.append(db)
         if kinks is not None:
             rows = _first_row_per_entry(xp, xp.concatenate(crossings)) if crossings else _kink_rows(xp)
-            _store_kinks(xp, kinks, layer, rows, W.size)
+            _record_kinks(xp, kinks, layer, rows, W, columns)
         if progress is not None:
-            progress(W.size + biases[layer].size)
-    return dWs, dbs
+            progress(_n_selected(W, columns))
+    return _selected_result(xp, dWs, dbs, columns)
 
 
 def _unit_crossing_rows(xp, cache: ForwardCache, h, layer) -> Array:
@@ -567,23 +725,27 @@ def _store_kinks(xp, kinks: dict, layer: int, rows: Array, n_weights: int) -> No
     kinks[f"b{layer + 1}"] = bias_rows
 
 
-def numerical_gradient_series(
-    ops: Ops, weights, biases, x, labels, activation, alpha, weight_decay, h, progress=None, kinks=None
-):
+def numerical_gradient_series(ops: Ops, problem: GradientProblem, x, labels, progress=None, kinks=None, select=None):
     """Central differences from the Taylor series of each sample's loss in the one moved scalar.
 
-    weights/biases: float64 lists (W_m (I_m, O_m), b_m (O_m,)); x float64 (B, I); labels int (B,).
+    problem: float64 weights/biases (W_m (I_m, O_m), b_m (O_m,)); x float64 (B, I); labels int (B,).
     Returns float64 (dWs, dbs) like numerical_gradient_incremental, to within SERIES_TAIL of the
     exact central difference in every entry (plus rounding), see docs/series.md. Pairs and triples the
     bounds do not cover are evaluated directly; an activation other than the built-in names (no provable
     bound) is evaluated directly everywhere, by numerical_gradient_incremental. ``kinks``: see kernels/__init__.
+
+    select: the selected layer alone is computed, whole, and then sliced. The order K is chosen per
+    chunk of units, so a narrower range could sum other orders (the same to within SERIES_TAIL, not
+    bit for bit); the whole layer gives the full call's slice bit for bit.
     """
+    weights, biases, activation = problem.weights, problem.biases, problem.activation
+    alpha, h = problem.alpha, problem.h
     if not (isinstance(activation, str) and activation in (*_KINKED, *SERIES_STRIPS)):
-        return numerical_gradient_incremental(
-            ops, weights, biases, x, labels, activation, alpha, weight_decay, h, progress, kinks=kinks
-        )
+        return numerical_gradient_incremental(ops, problem, x, labels, progress, kinks, select)
     xp = ops.xp
     n_layers = len(weights)
+    layers, columns = selection(select, weights)
+    chosen = slice(None) if columns is None else columns
     cache, derivatives = _series_forward(xp, ops, weights, biases, x, labels, activation, alpha)
     detect = kinks is not None and activation in _KINKED
     plan = None
@@ -595,7 +757,7 @@ def numerical_gradient_series(
             _later_kink_bounds(xp, cache, derivatives, weights, next_radius),
         )
     dWs, dbs = [], []
-    for layer in range(n_layers):
+    for layer in layers:
         if layer == n_layers - 1:
             dW, db = _last_layer_series(xp, cache, labels, h) or _last_layer_differences(xp, cache, labels, h)
             rows = _kink_rows(xp)
@@ -603,14 +765,15 @@ def numerical_gradient_series(
             dW, db, rows = _series_layer_differences(
                 ops, cache, derivatives, weights, biases, labels, activation, alpha, h, layer, detect, plan
             )
-        dW += _decay_difference(xp, weights[layer], weight_decay, h)
+        dW, db = dW[:, chosen], db[chosen]
+        dW += _decay_difference(xp, weights[layer][:, chosen], problem.weight_decay, h)
         dWs.append(dW)
         dbs.append(db)
         if kinks is not None:
-            _store_kinks(xp, kinks, layer, rows, weights[layer].size)
+            _record_kinks(xp, kinks, layer, rows, weights[layer], columns)
         if progress is not None:
-            progress(weights[layer].size + biases[layer].size)
-    return dWs, dbs
+            progress(_n_selected(weights[layer], columns))
+    return _selected_result(xp, dWs, dbs, columns)
 
 
 def _series_forward(xp, ops: Ops, weights, biases, x, labels, activation, alpha):
