@@ -199,9 +199,10 @@ class Ops:
     # optional fast path of the series method for the layer that feeds the output layer: same
     # arguments and result as _output_feeding_pair_series
     output_feeding_series: Callable[..., tuple] | None = None
-    # optional fast path of the series method's output-layer coefficients: same arguments and result as
-    # _last_layer_coefficients
+    # optional fast paths of the series method: the output layer's coefficients and the stacked steps' powers,
+    # same arguments and results as _last_layer_coefficients and _stacked_steps (less xp)
     last_layer_coefficients: Callable[..., list | None] | None = None
+    stacked_steps: Callable[..., Array] | None = None
 
 
 def _param_views(weights, biases):
@@ -589,7 +590,7 @@ def numerical_gradient_series(
     dWs, dbs = [], []
     for layer in range(n_layers):
         if layer == n_layers - 1:
-            last = _last_layer_series(xp, cache, labels, h, ops.last_layer_coefficients)
+            last = _last_layer_series(ops, cache, labels, h)
             dW, db = last or _last_layer_differences(xp, cache, labels, h)
             rows = _kink_rows(xp)
         else:
@@ -625,17 +626,16 @@ def _series_forward(xp, ops: Ops, weights, biases, x, labels, activation, alpha)
     return ForwardCache(inputs, pre, e, xp.log(total[:, 0]) - picked), derivatives
 
 
-def _last_layer_series(xp, cache: ForwardCache, labels, h, last_layer_coefficients=None):
+def _last_layer_series(ops: Ops, cache: ForwardCache, labels, h):
     """(dW, db) of the output layer by the series, or None when some (sample, class) pair needs more
-    than SERIES_MAX_ORDER terms (the caller then takes the closed form, _last_layer_differences).
-
-    last_layer_coefficients: a backend's form of _last_layer_coefficients (same arguments and result), or None.
-    """
-    coefficients = (last_layer_coefficients or partial(_last_layer_coefficients, xp))(cache, labels, h)
+    than SERIES_MAX_ORDER terms (the caller then takes the closed form, _last_layer_differences)."""
+    xp = ops.xp
+    coefficients = (ops.last_layer_coefficients or partial(_last_layer_coefficients, xp))(cache, labels, h)
     if coefficients is None:
         return None
     odd = coefficients[::2]
-    grad = _odd_series_gradient(xp, _stacked_steps(xp, cache.inputs[-1], h, len(odd)), odd, h)
+    stacked = (ops.stacked_steps or partial(_stacked_steps, xp))(cache.inputs[-1], h, len(odd))
+    grad = _odd_series_gradient(xp, stacked, odd, h)
     return grad[:-1], grad[-1]
 
 
@@ -723,6 +723,7 @@ def _series_layer_differences(
     # rounding h * x is monotone in x (max |a| from two reductions, without an |a| temporary)
     rho = h * xp.maximum(xp.maximum(a.max(axis=1), -a.min(axis=1)), 1.0)
     moved_inputs = stacked = None
+    stacked_steps = ops.stacked_steps or partial(_stacked_steps, xp)
     if layer == len(weights) - 2:  # (B, Jc, C) arrays only
         per_unit = 8 * batch * weights[-1].shape[1] * 8
     elif activation in _KINKED:  # (B, Jc, n) arrays of the next layer's radius only
@@ -759,7 +760,7 @@ def _series_layer_differences(
             xp.where(fallback, 0.0, coefficients[n - 1]) if any_fallback else coefficients[n - 1]
             for n in range(1, len(coefficients) + 1, 2)
         ]
-        stacked = _stacked_steps(xp, a, h, len(odd), stacked)
+        stacked = stacked_steps(a, h, len(odd), stacked)
         if grad is None:  # one chunk: the GEMM's result is the gradient
             grad = _odd_series_gradient(xp, stacked, odd, h)
         else:

@@ -551,6 +551,34 @@ def _order_needed_scalar(ratio, bound, h, tail, max_order):
     return K
 
 
+@njit(inline="always", **_BOUND_JIT)
+def _loss_bound_order(exponent, ratio, h, tail, max_order):
+    """_order_needed_scalar(ratio, M, ...) for the loss bound M = -log(1 - expm1(x)), x = exponent >= 0, as
+    _generic computes it, without its two transcendentals unless they decide: for 0 <= x < 0.6 M lies between
+    the rational brackets below, and an order that the upper one passes while the lower one fails every
+    smaller order is M's order (the test is monotone in M)."""
+    if not (exponent < 0.6) or not (ratio < 1.0) or ratio == 0.0:
+        return _order_needed_scalar(ratio, -math.log1p(-math.expm1(exponent)), h, tail, max_order)
+    s_high = 2.0 * exponent / (2.0 - exponent)  # >= expm1(x): e^x <= (2 + x) / (2 - x) for 0 <= x < 2
+    high = s_high + s_high * s_high / (2.0 * (1.0 - s_high))  # >= -log(1 - s) = sum_k s^k / k for 0 <= s < 1
+    s_low = exponent + 0.5 * exponent * exponent  # <= expm1(x)
+    low = s_low + 0.5 * s_low * s_low  # <= -log(1 - s)
+    budget = tail * (h * (1.0 - ratio * ratio))
+    ratio_squared = ratio * ratio
+    term_high = high * ratio_squared * ratio
+    term_low = low * ratio_squared * ratio
+    K = 1
+    while term_high > budget:
+        if term_low <= budget:  # the brackets disagree at this order: M decides
+            return _order_needed_scalar(ratio, -math.log1p(-math.expm1(exponent)), h, tail, max_order)
+        K += 2
+        if K > max_order:
+            return max_order + 2
+        term_high *= ratio_squared
+        term_low *= ratio_squared
+    return K
+
+
 @njit(**_BOUND_JIT)
 def _output_feeding_needed(code, theta, f2, loss_radius, h, tail, max_order, z, slope, w_next, labels, rho, needed):
     """needed[b, j]: the order the bound of the output-feeding layer asks for (as in _generic). Returns the largest
@@ -568,19 +596,21 @@ def _output_feeding_needed(code, theta, f2, loss_radius, h, tail, max_order, z, 
     kinked = code == _RELU or code == _LEAKY_RELU
     curvature = 0.0 if kinked else 0.5 * f2
     limit = math.inf if kinked else theta
+    exponent = np.empty(units)
+    ratio = np.empty(units)
     order = 1
     for b in range(batch):
         t = labels[b]
-        for j in range(units):
+        for j in range(units):  # vectorised: the radius, the exponent of the bound, the step over the radius
             a = abs(slope[b, j]) * widest[t, j]
             c = curvature * widest[t, j]
             reach = min(rho[b], abs(z[b, j])) if kinked else rho[b]
             denominator = a + math.sqrt(a * a + 4.0 * c * loss_radius)
-            K = 1
-            if denominator != 0.0:  # else d = 0 or f' = 0 with no curvature: g is constant
-                radius = min(2.0 * loss_radius / denominator, limit)
-                bound = -math.log1p(-math.expm1(a * radius + c * radius * radius))
-                K = _order_needed_scalar(reach / radius, bound, h, tail, max_order)
+            radius = min(2.0 * loss_radius / denominator, limit)
+            exponent[j] = a * radius + c * radius * radius
+            ratio[j] = reach / radius if denominator != 0.0 else -1.0  # else d = 0 or f' = 0, no curvature: K = 1
+        for j in range(units):
+            K = 1 if ratio[j] < 0.0 else _loss_bound_order(exponent[j], ratio[j], h, tail, max_order)
             needed[b, j] = K
             if K <= max_order:
                 order = max(order, K)
@@ -592,15 +622,21 @@ def _output_feeding_coefficients(code, order, probs, w_next, labels, y0, slope, 
     """out[n - 1, b, j]: Taylor coefficient n of g(u) = phi(y(u)) (phi: cumulants of w - w_t under p)."""
     batch, units = y0.shape
     classes = w_next.shape[1]
-    spread = np.empty((classes, classes, units))  # [t, c, j]: w_next[j, c] - w_next[j, t]
-    for t in range(classes):
-        for c in range(classes):
-            for j in range(units):
-                spread[t, c, j] = w_next[j, c] - w_next[j, t]
     inverse = np.empty(order + 2)
     for n in range(1, order + 2):
         inverse[n] = 1.0 / n
-    E = np.empty((order + 1, units))  # E_n = sum_c p_c d_c^n / n!
+    # [t, c, n - 1, j]: d^n / n! with d = w_next[j, c] - w_next[j, t]: the moments E of a sample with label t are
+    # one vector-matrix product of its p with table[t] (C, K J)
+    table = np.empty((classes, classes, order, units))
+    for t in range(classes):
+        for c in range(classes):
+            for j in range(units):
+                table[t, c, 0, j] = w_next[j, c] - w_next[j, t]
+            for n in range(1, order):
+                scale = inverse[n + 1]
+                for j in range(units):
+                    table[t, c, n, j] = table[t, c, n - 1, j] * (table[t, c, 0, j] * scale)
+    E = np.empty((order, units))  # row n - 1: E_n = sum_c p_c d_c^n / n!
     phi = np.empty((order + 1, units))  # phi_n: the cumulants / n!
     y = np.empty((order + 1, units))  # y_n: the unit's change f(z + u) - f(z)
     G = np.empty((order + 1, units))  # f' = G(f) as a series
@@ -609,27 +645,21 @@ def _output_feeding_coefficients(code, order, probs, w_next, labels, y0, slope, 
     term = np.empty(units)
     cross = np.empty(units)
     kinked = code == _RELU or code == _LEAKY_RELU
+    moments = E.reshape(-1)
     for b in range(batch):
-        d = spread[labels[b]]
-        E[:] = 0.0
+        rows = table[labels[b]].reshape(classes, -1)
+        moments[:] = 0.0
         for c in range(classes):
             p = probs[b, c]
-            for j in range(units):
-                term[j] = p * d[c, j]
-            for n in range(1, order + 1):
-                for j in range(units):
-                    E[n, j] += term[j]
-                if n < order:
-                    scale = inverse[n + 1]
-                    for j in range(units):
-                        term[j] *= d[c, j] * scale
+            for k in range(moments.size):
+                moments[k] += p * rows[c, k]
         for n in range(1, order + 1):  # log: phi_n = E_n - sum_(k<n) (k/n) phi_k E_(n-k)
             for j in range(units):
-                phi[n, j] = E[n, j]
+                phi[n, j] = E[n - 1, j]
             for k in range(1, n):
                 weight = k * inverse[n]
                 for j in range(units):
-                    phi[n, j] -= weight * phi[k, j] * E[n - k, j]
+                    phi[n, j] -= weight * phi[k, j] * E[n - k - 1, j]
         if kinked:  # y(u) = f'(z) u exactly below the kink
             for j in range(units):
                 term[j] = slope[b, j]
@@ -748,6 +778,36 @@ def _last_layer_coefficients(cache, labels, h):
     return list(out)
 
 
+@njit(**JIT)
+def _stacked_step_powers(a, h, have, out):
+    """Blocks have.. of kernels._generic._stacked_steps's buffer out (count B, I + 1), the earlier ones in place
+    (none when have = 0): block k is (h a)^(2k+1) with h^(2k+1) in the last column, in _generic's rounding."""
+    batch, n_in = a.shape
+    count = out.shape[0] // batch
+    for b in range(batch):
+        if have == 0:
+            for i in range(n_in):
+                out[b, i] = h * a[b, i]
+            out[b, n_in] = h
+        for k in range(max(have, 1), count):
+            for i in range(n_in + 1):
+                step = out[b, i]
+                out[k * batch + b, i] = out[(k - 1) * batch + b, i] * (step * step)
+
+
+def _stacked_steps(a, h, count, stacked=None):
+    """Numba form of kernels._generic._stacked_steps (same arguments, less xp; same results)."""
+    batch = a.shape[0]
+    have = 0 if stacked is None else stacked.shape[0] // batch
+    if have >= count:
+        return stacked
+    grown = np.empty((count * batch, a.shape[1] + 1))
+    if have:
+        grown[: have * batch] = stacked
+    _stacked_step_powers(np.ascontiguousarray(a, dtype=np.float64), h, have, grown)
+    return grown
+
+
 _SERIES_OPS = g.Ops(
     xp=np,
     activation=activation_forward,
@@ -755,4 +815,5 @@ _SERIES_OPS = g.Ops(
     activation_with_derivative=_activation_with_derivative,
     output_feeding_series=_output_feeding_series,
     last_layer_coefficients=_last_layer_coefficients,
+    stacked_steps=_stacked_steps,
 )
