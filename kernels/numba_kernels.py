@@ -520,59 +520,102 @@ def numerical_gradient_series(problem, x, labels, progress=None, kinks=None, sel
     return xp_kernels.numerical_gradient_series(_SERIES_OPS, problem, x, labels, progress, kinks, select)
 
 
-# ----------------------------------------------------------------------------- series: the layer feeding the output
-# The NumPy version is kernels.xp_kernels._output_feeding_pair_series (docs/series.md, sections 2-5); this
-# fuses its (B, J, C) passes into one loop per (sample, unit). The bounds use plain float64 math (no fastmath).
+# ----------------------------------------------------------------------- series: the output-feeding and last layers
+# The NumPy versions are kernels.xp_kernels._output_feeding_pair_series and _last_layer_coefficients (docs/series.md,
+# sections 1-5). These fuse their (B, J, C) and (B, C) passes into serial compiled loops, the coefficients vectorised
+# over the units: on two cores a parallel region costs more than this work saves, and its threads fight the BLAS
+# threads of the GEMMs around it. The bounds use plain float64 math (_BOUND_JIT: no fastmath).
+_BOUND_JIT = dict(cache=True, error_model="numpy")
 
 
-@njit(cache=True, error_model="numpy")
+@njit(inline="always", **_BOUND_JIT)
 def _order_needed_scalar(ratio, bound, h, tail, max_order):
-    """Smallest odd K with bound * ratio**(K + 2) / (h (1 - ratio**2)) <= tail; max_order + 2 if none."""
+    """Smallest odd K with bound * ratio**(K + 2) <= tail * h (1 - ratio**2); max_order + 2 if none, as
+    kernels.xp_kernels._order_needed. The powers by one multiplication per order (K is small, no pow)."""
     never = max_order + 2
     if not (ratio < 1.0) or not (bound < math.inf):
         return never
     if ratio == 0.0 or bound == 0.0:
         return 1
-    scale = h * (1.0 - ratio * ratio)
+    budget = tail * (h * (1.0 - ratio * ratio))
+    ratio_squared = ratio * ratio
+    term = bound * ratio_squared * ratio
     K = 1
-    while K <= max_order:
-        if bound * ratio ** (K + 2) <= tail * scale:
-            return K
+    while term > budget:
         K += 2
-    return never
+        if K > max_order:
+            return never
+        term *= ratio_squared
+    return K
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(inline="always", **_BOUND_JIT)
+def _loss_bound_order(exponent, ratio, h, tail, max_order):
+    """_order_needed_scalar(ratio, M, ...) for the loss bound M = -log(1 - expm1(x)), x = exponent >= 0, as
+    xp_kernels computes it, without its two transcendentals unless they decide: for 0 <= x < 0.6 M lies between
+    the rational brackets below, and an order that the upper one passes while the lower one fails every
+    smaller order is M's order (the test is monotone in M)."""
+    if not (exponent < 0.6) or not (ratio < 1.0) or ratio == 0.0:
+        return _order_needed_scalar(ratio, -math.log1p(-math.expm1(exponent)), h, tail, max_order)
+    s_high = 2.0 * exponent / (2.0 - exponent)  # >= expm1(x): e^x <= (2 + x) / (2 - x) for 0 <= x < 2
+    high = s_high + s_high * s_high / (2.0 * (1.0 - s_high))  # >= -log(1 - s) = sum_k s^k / k for 0 <= s < 1
+    s_low = exponent + 0.5 * exponent * exponent  # <= expm1(x)
+    low = s_low + 0.5 * s_low * s_low  # <= -log(1 - s)
+    budget = tail * (h * (1.0 - ratio * ratio))
+    ratio_squared = ratio * ratio
+    term_high = high * ratio_squared * ratio
+    term_low = low * ratio_squared * ratio
+    K = 1
+    while term_high > budget:
+        if term_low <= budget:  # the brackets disagree at this order: M decides
+            return _order_needed_scalar(ratio, -math.log1p(-math.expm1(exponent)), h, tail, max_order)
+        K += 2
+        if K > max_order:
+            return max_order + 2
+        term_high *= ratio_squared
+        term_low *= ratio_squared
+    return K
+
+
+@njit(**_BOUND_JIT)
 def _output_feeding_needed(code, theta, f2, loss_radius, h, tail, max_order, z, slope, w_next, labels, rho, needed):
-    """needed[b, j]: the order the bound of the output-feeding layer asks for (as in xp_kernels)."""
+    """needed[b, j]: the order the bound of the output-feeding layer asks for (as in xp_kernels). Returns the largest
+    of them up to max_order (at least 1): the order to carry."""
     batch, units = z.shape
     classes = w_next.shape[1]
-    for b in prange(batch):
-        t = labels[b]
-        for j in range(units):
+    widest = np.empty((classes, units))  # [t, j]: max_c |w_next[j, c] - w_next[j, t]|, by label
+    for j in range(units):
+        for t in range(classes):
             wt = w_next[j, t]
-            widest = 0.0
+            spread = 0.0
             for c in range(classes):
-                widest = max(widest, abs(w_next[j, c] - wt))
-            a = abs(slope[b, j]) * widest
-            if code == _RELU or code == _LEAKY_RELU:
-                reach = min(rho[b], abs(z[b, j]))
-                cc = 0.0
-                limit = math.inf
-            else:
-                reach = rho[b]
-                cc = 0.5 * f2 * widest
-                limit = theta
-            denominator = a + math.sqrt(a * a + 4.0 * cc * loss_radius)
-            if denominator == 0.0:
-                needed[b, j] = 1
-                continue
+                spread = max(spread, abs(w_next[j, c] - wt))
+            widest[t, j] = spread
+    kinked = code == _RELU or code == _LEAKY_RELU
+    curvature = 0.0 if kinked else 0.5 * f2
+    limit = math.inf if kinked else theta
+    exponent = np.empty(units)
+    ratio = np.empty(units)
+    order = 1
+    for b in range(batch):
+        t = labels[b]
+        for j in range(units):  # vectorised: the radius, the exponent of the bound, the step over the radius
+            a = abs(slope[b, j]) * widest[t, j]
+            c = curvature * widest[t, j]
+            reach = min(rho[b], abs(z[b, j])) if kinked else rho[b]
+            denominator = a + math.sqrt(a * a + 4.0 * c * loss_radius)
             radius = min(2.0 * loss_radius / denominator, limit)
-            bound = -math.log1p(-math.expm1(a * radius + cc * radius * radius))
-            needed[b, j] = _order_needed_scalar(reach / radius, bound, h, tail, max_order)
+            exponent[j] = a * radius + c * radius * radius
+            ratio[j] = reach / radius if denominator != 0.0 else -1.0  # else d = 0 or f' = 0, no curvature: K = 1
+        for j in range(units):
+            K = 1 if ratio[j] < 0.0 else _loss_bound_order(exponent[j], ratio[j], h, tail, max_order)
+            needed[b, j] = K
+            if K <= max_order:
+                order = max(order, K)
+    return order
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def _output_feeding_coefficients(code, order, probs, w_next, labels, y0, slope, out):
     """out[n - 1, b, j]: Taylor coefficient n of g(u) = phi(y(u)) (phi: cumulants of w - w_t under p)."""
     batch, units = y0.shape
@@ -580,69 +623,81 @@ def _output_feeding_coefficients(code, order, probs, w_next, labels, y0, slope, 
     inverse = np.empty(order + 2)
     for n in range(1, order + 2):
         inverse[n] = 1.0 / n
-    for b in prange(batch):
-        t = labels[b]
-        spread = np.empty(classes)
-        term = np.empty(classes)
-        E = np.empty(order + 1)
-        phi = np.empty(order + 1)
-        y = np.zeros(order + 1)
-        G = np.zeros(order + 1)
-        power = np.zeros(order + 1)
-        nxt = np.zeros(order + 1)
+    # [t, c, n - 1, j]: d^n / n! with d = w_next[j, c] - w_next[j, t]: the moments E of a sample with label t are
+    # one vector-matrix product of its p with table[t] (C, K J)
+    table = np.empty((classes, classes, order, units))
+    for t in range(classes):
+        for c in range(classes):
+            for j in range(units):
+                table[t, c, 0, j] = w_next[j, c] - w_next[j, t]
+            for n in range(1, order):
+                scale = inverse[n + 1]
+                for j in range(units):
+                    table[t, c, n, j] = table[t, c, n - 1, j] * (table[t, c, 0, j] * scale)
+    E = np.empty((order, units))  # row n - 1: E_n = sum_c p_c d_c^n / n!
+    phi = np.empty((order + 1, units))  # phi_n: the cumulants / n!
+    y = np.empty((order + 1, units))  # y_n: the unit's change f(z + u) - f(z)
+    G = np.empty((order + 1, units))  # f' = G(f) as a series
+    power = np.empty((order + 1, units))  # coefficients of y^m
+    nxt = np.empty((order + 1, units))
+    term = np.empty(units)
+    cross = np.empty(units)
+    kinked = code == _RELU or code == _LEAKY_RELU
+    moments = E.reshape(-1)
+    for b in range(batch):
+        rows = table[labels[b]].reshape(classes, -1)
+        moments[:] = 0.0
+        for c in range(classes):
+            p = probs[b, c]
+            for k in range(moments.size):
+                moments[k] += p * rows[c, k]
+        for n in range(1, order + 1):  # log: phi_n = E_n - sum_(k<n) (k/n) phi_k E_(n-k)
+            for j in range(units):
+                phi[n, j] = E[n - 1, j]
+            for k in range(1, n):
+                weight = k * inverse[n]
+                for j in range(units):
+                    phi[n, j] -= weight * phi[k, j] * E[n - k - 1, j]
+        if kinked:  # y(u) = f'(z) u exactly below the kink
+            for j in range(units):
+                term[j] = slope[b, j]
+            for n in range(1, order + 1):
+                for j in range(units):
+                    out[n - 1, b, j] = phi[n, j] * term[j]
+                    term[j] *= slope[b, j]
+            continue
+        # y(u) = f(z + u) - f(z): n y_n = G_(n-1), G = f'(f) as a series
         for j in range(units):
-            wt = w_next[j, t]
-            for c in range(classes):
-                spread[c] = w_next[j, c] - wt
-                term[c] = probs[b, c] * spread[c]
-            for n in range(1, order + 1):
-                acc = 0.0
-                for c in range(classes):
-                    acc += term[c]
-                E[n] = acc
-                value = acc
-                for k in range(1, n):
-                    value -= (k * inverse[n]) * phi[k] * E[n - k]
-                phi[n] = value
-                if n < order:
-                    scale = inverse[n + 1]
-                    for c in range(classes):
-                        term[c] *= spread[c] * scale
-            if code == _RELU or code == _LEAKY_RELU:
-                s = slope[b, j]
-                p = s
-                for n in range(1, order + 1):
-                    out[n - 1, b, j] = phi[n] * p
-                    p *= s
-                continue
-            # y(u) = f(z + u) - f(z): n y_n = G_(n-1), G = f'(f) as a series
-            f0 = y0[b, j]
-            G[0] = slope[b, j]
-            for n in range(1, order + 1):
-                y[n] = G[n - 1] / n
-                if n < order:
-                    cross = 0.0
-                    for i in range(1, n):
-                        cross += y[i] * y[n - i]
+            G[0, j] = slope[b, j]
+        for n in range(1, order + 1):
+            for j in range(units):
+                y[n, j] = G[n - 1, j] / n
+            if n < order:
+                cross[:] = 0.0
+                for i in range(1, n):
+                    for j in range(units):
+                        cross[j] += y[i, j] * y[n - i, j]
+                for j in range(units):
+                    f0 = y0[b, j]
                     if code == _TANH:
-                        G[n] = -(2.0 * f0 * y[n] + cross)
+                        G[n, j] = -(2.0 * f0 * y[n, j] + cross[j])
                     else:
-                        G[n] = y[n] * (1.0 - 2.0 * f0) - cross
-            for n in range(1, order + 1):
-                out[n - 1, b, j] = phi[1] * y[n]
-                power[n] = y[n]
-            for m in range(2, order + 1):
-                for n in range(1, order + 1):
-                    nxt[n] = 0.0
-                for n in range(m, order + 1):
-                    acc = 0.0
-                    for k in range(m - 1, n):
-                        acc += power[k] * y[n - k]
-                    nxt[n] = acc
-                for n in range(1, order + 1):
-                    power[n] = nxt[n]
-                for n in range(m, order + 1):
-                    out[n - 1, b, j] += phi[m] * power[n]
+                        G[n, j] = y[n, j] * (1.0 - 2.0 * f0) - cross[j]
+        for n in range(1, order + 1):  # g = sum_m phi_m y^m
+            for j in range(units):
+                out[n - 1, b, j] = phi[1, j] * y[n, j]
+                power[n, j] = y[n, j]
+        for m in range(2, order + 1):
+            for n in range(m, order + 1):
+                for j in range(units):
+                    nxt[n, j] = 0.0
+                for k in range(m - 1, n):
+                    for j in range(units):
+                        nxt[n, j] += power[k, j] * y[n - k, j]
+            for n in range(m, order + 1):
+                for j in range(units):
+                    power[n, j] = nxt[n, j]
+                    out[n - 1, b, j] += phi[m, j] * power[n, j]
 
 
 def _output_feeding_series(cache, derivatives, weights, labels, activation, layer, cols, rho, h):
@@ -657,8 +712,8 @@ def _output_feeding_series(cache, derivatives, weights, labels, activation, laye
     z = np.ascontiguousarray(cache.pre[layer][:, cols])
     slope = np.ascontiguousarray(derivatives[layer][:, cols])
     labels = np.ascontiguousarray(labels, dtype=np.int64)
-    needed = np.empty(z.shape, dtype=np.int64)
-    _output_feeding_needed(
+    needed = np.empty(z.shape)
+    order = _output_feeding_needed(
         code,
         theta,
         f2,
@@ -673,7 +728,6 @@ def _output_feeding_series(cache, derivatives, weights, labels, activation, laye
         rho,
         needed,
     )
-    order = int(needed[needed <= xp_kernels.SERIES_MAX_ORDER].max(initial=1))
     out = np.empty((order,) + z.shape)
     y0 = np.ascontiguousarray(cache.inputs[layer + 1][:, cols])
     _output_feeding_coefficients(code, order, cache.probs, w_next, labels, y0, slope, out)
@@ -681,7 +735,89 @@ def _output_feeding_series(cache, derivatives, weights, labels, activation, laye
     if activation in xp_kernels._KINKED:
         with np.errstate(divide="ignore"):
             inverse_radius = 1.0 / np.abs(z)
-    return list(out), needed.astype(np.float64), inverse_radius
+    return list(out), needed, inverse_radius
+
+
+@njit(**_BOUND_JIT)
+def _last_layer_order(h, tail, max_order, z, probs):
+    """The order the last layer's bound asks for (kernels.xp_kernels._last_layer_coefficients): the largest
+    over the (sample, class) pairs, or max_order + 2 when some pair needs more than max_order."""
+    batch, classes = probs.shape
+    bound = math.log(2.0)
+    order = 1
+    for b in range(batch):
+        largest = 1.0
+        for j in range(z.shape[1]):
+            largest = max(largest, abs(z[b, j]))
+        rho = h * largest  # max |u| over the inputs and the bias
+        for c in range(classes):
+            radius = math.log1p(0.5 / probs[b, c])
+            ratio = rho / radius if math.isfinite(radius) else 0.0
+            K = _order_needed_scalar(ratio, bound, h, tail, max_order)
+            if K > max_order:
+                return max_order + 2
+            order = max(order, K)
+    return order
+
+
+@njit(**JIT)
+def _last_layer_coefficient_series(probs, labels, out):
+    """out[n - 1]: L_n = E_n - sum_(k<n) (k/n) L_k E_(n-k) with E_n = p / n!, then L_1[b, t] -= 1. (B, C) each."""
+    order, batch, classes = out.shape
+    factorial = np.empty(order + 1)
+    factorial[0] = 1.0
+    for n in range(1, order + 1):
+        factorial[n] = factorial[n - 1] * n
+    for b in range(batch):
+        for c in range(classes):
+            p = probs[b, c]
+            for n in range(1, order + 1):
+                value = p / factorial[n]
+                for k in range(1, n):
+                    value -= (k / n) * out[k - 1, b, c] * (p / factorial[n - k])
+                out[n - 1, b, c] = value
+        out[0, b, labels[b]] -= 1.0
+
+
+def _last_layer_coefficients(cache, labels, h):
+    """Numba form of kernels.xp_kernels._last_layer_coefficients (same arguments, same results)."""
+    z, probs = np.ascontiguousarray(cache.inputs[-1]), np.ascontiguousarray(cache.probs)
+    order = _last_layer_order(h, xp_kernels.SERIES_TAIL, xp_kernels.SERIES_MAX_ORDER, z, probs)
+    if order > xp_kernels.SERIES_MAX_ORDER:
+        return None
+    out = np.empty((order,) + probs.shape)
+    _last_layer_coefficient_series(probs, np.ascontiguousarray(labels, dtype=np.int64), out)
+    return list(out)
+
+
+@njit(**JIT)
+def _stacked_step_powers(a, h, have, out):
+    """Blocks have.. of kernels.xp_kernels._stacked_steps's buffer out (count B, I + 1), the earlier ones in place
+    (none when have = 0): block k is (h a)^(2k+1) with h^(2k+1) in the last column, in xp_kernels' rounding."""
+    batch, n_in = a.shape
+    count = out.shape[0] // batch
+    for b in range(batch):
+        if have == 0:
+            for i in range(n_in):
+                out[b, i] = h * a[b, i]
+            out[b, n_in] = h
+        for k in range(max(have, 1), count):
+            for i in range(n_in + 1):
+                step = out[b, i]
+                out[k * batch + b, i] = out[(k - 1) * batch + b, i] * (step * step)
+
+
+def _stacked_steps(a, h, count, stacked=None):
+    """Numba form of kernels.xp_kernels._stacked_steps (same arguments, less xp; same results)."""
+    batch = a.shape[0]
+    have = 0 if stacked is None else stacked.shape[0] // batch
+    if have >= count:
+        return stacked
+    grown = np.empty((count * batch, a.shape[1] + 1))
+    if have:
+        grown[: have * batch] = stacked
+    _stacked_step_powers(np.ascontiguousarray(a, dtype=np.float64), h, have, grown)
+    return grown
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -812,4 +948,6 @@ _SERIES_OPS = xp_kernels.Ops(
     output_feeding_series=_output_feeding_series,
     next_layer_inverse_radius=_next_layer_inverse_radius,
     direction_series=_direction_series,
+    last_layer_coefficients=_last_layer_coefficients,
+    stacked_steps=_stacked_steps,
 )

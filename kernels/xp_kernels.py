@@ -142,6 +142,10 @@ class Ops:
     # optional fast path of the relu/leaky loss series along each pair's direction: (V (B, J, C), probs,
     # labels, rho, inverse radius, h) -> (coefficients [L_1..L_K], order needed), as _piecewise_pair_series
     direction_series: Callable[..., tuple] | None = None
+    # optional fast paths of the series method: the output layer's coefficients and the stacked steps' powers,
+    # same arguments and results as _last_layer_coefficients and _stacked_steps (less xp)
+    last_layer_coefficients: Callable[..., list | None] | None = None
+    stacked_steps: Callable[..., Array] | None = None
 
 
 def generic_ops(xp) -> Ops:
@@ -759,14 +763,16 @@ def numerical_gradient_series(ops: Ops, problem: GradientProblem, x, labels, pro
     dWs, dbs = [], []
     for layer in layers:
         if layer == n_layers - 1:
-            dW, db = _last_layer_series(xp, cache, labels, h) or _last_layer_differences(xp, cache, labels, h)
+            last = _last_layer_series(ops, cache, labels, h)
+            dW, db = last or _last_layer_differences(xp, cache, labels, h)
             rows = _kink_rows(xp)
         else:
             dW, db, rows = _series_layer_differences(
                 ops, cache, derivatives, weights, biases, labels, activation, alpha, h, layer, detect, plan
             )
         dW, db = dW[:, chosen], db[chosen]
-        dW += _decay_difference(xp, weights[layer][:, chosen], problem.weight_decay, h)
+        if problem.weight_decay:
+            dW += _decay_difference(xp, weights[layer][:, chosen], problem.weight_decay, h)
         dWs.append(dW)
         dbs.append(db)
         if kinks is not None:
@@ -794,9 +800,22 @@ def _series_forward(xp, ops: Ops, weights, biases, x, labels, activation, alpha)
     return ForwardCache(inputs, pre, e, xp.log(total[:, 0]) - picked), derivatives
 
 
-def _last_layer_series(xp, cache: ForwardCache, labels, h):
+def _last_layer_series(ops: Ops, cache: ForwardCache, labels, h):
     """(dW, db) of the output layer by the series, or None when some (sample, class) pair needs more
-    than SERIES_MAX_ORDER terms (the caller then takes the closed form, _last_layer_differences).
+    than SERIES_MAX_ORDER terms (the caller then takes the closed form, _last_layer_differences)."""
+    xp = ops.xp
+    coefficients = (ops.last_layer_coefficients or partial(_last_layer_coefficients, xp))(cache, labels, h)
+    if coefficients is None:
+        return None
+    odd = coefficients[::2]
+    stacked = (ops.stacked_steps or partial(_stacked_steps, xp))(cache.inputs[-1], h, len(odd))
+    grad = _odd_series_gradient(xp, stacked, odd, h)
+    return grad[:-1], grad[-1]
+
+
+def _last_layer_coefficients(xp, cache: ForwardCache, labels, h):
+    """[L_1..L_K] (B, C) each: the output layer's loss coefficients, or None when some pair needs more than
+    SERIES_MAX_ORDER terms.
 
     Moving W[i, c] by u/h moves score c alone: g(u) - g(0) = log(1 + p_c expm1(u)) - u [c = t]. The
     log's argument has the coefficients p_c / n!, so L = log E by the recurrence of _loss_series. On
@@ -822,17 +841,43 @@ def _last_layer_series(xp, cache: ForwardCache, labels, h):
         L.append(value)
     L[0] = L[0].copy()
     L[0][xp.arange(batch), labels] -= 1.0
-    # sum over odd n of (h z)^n.T @ L_n / h as one GEMM; the bias (z = 1) sums h^(n-1) L_n
-    odd = L[::2]
-    powers = [h * z]
-    if order >= 3:
-        step_squared = powers[0] * powers[0]
-        for _ in range(3, order + 1, 2):
-            powers.append(powers[-1] * step_squared)
-    stacked = powers[0] if len(powers) == 1 else xp.concatenate(powers, axis=0)
-    dW = stacked.T @ (odd[0] if len(odd) == 1 else xp.concatenate(odd, axis=0)) / (h * batch)
-    db = sum(L_n.sum(axis=0) * h ** (2 * n) for n, L_n in enumerate(odd)) / batch
-    return dW, db
+    return L
+
+
+def _stacked_steps(xp, a, h, count, stacked=None):
+    """(count B, I + 1) float64, the left operand of the odd-order GEMM: block k holds the steps' powers
+    (h a)^(2k+1) (B, I) and, in the last column, h^(2k+1) (the bias: an input of ones). a: (B, I).
+
+    stacked: an earlier result for the same a and h, returned as is when it has count blocks, else extended."""
+    batch, n_in = a.shape
+    have = 0 if stacked is None else stacked.shape[0] // batch
+    if have >= count:
+        return stacked
+    grown = xp.empty((count * batch, n_in + 1), dtype=xp.float64)
+    if have:
+        grown[: have * batch] = stacked
+    else:
+        xp.multiply(a, h, out=grown[:batch, :n_in])
+        grown[:batch, n_in] = h
+        have = 1
+    if count > have:
+        step_squared = grown[:batch] * grown[:batch]
+        for k in range(have, count):
+            xp.multiply(grown[(k - 1) * batch : k * batch], step_squared, out=grown[k * batch : (k + 1) * batch])
+    return grown
+
+
+def _odd_series_gradient(xp, stacked, odd, h):
+    """(I + 1, J) float64: sum over odd n of (h a)^n.T @ L_n / (h B), the weights' rows then the bias row,
+    as one GEMM of the stacked steps (_stacked_steps, at least len(odd) blocks) with the stacked [L_1, L_3, ...]."""
+    batch = odd[0].shape[0]
+    scale = 1.0 / (h * batch)
+    if len(odd) == 1:
+        right = odd[0] * scale
+    else:
+        right = xp.concatenate(odd, axis=0)
+        right *= scale
+    return stacked[: len(odd) * batch].T @ right
 
 
 def _series_layer_differences(
@@ -850,10 +895,10 @@ def _series_layer_differences(
     batch, n_in = a.shape
     n_out = weights[layer].shape[1]
     # (B,): |u| <= rho for every input of the sample, bias (a = 1) included; equal to max |h a| since
-    # rounding h * x is monotone in x. The steps u (B, I + 1) themselves are built only for direct evaluations.
-    rho = h * xp.maximum(xp.abs(a).max(axis=1), 1.0)
-    steps = moved_inputs = scaled_inputs = step_squared = None
-    grad = xp.zeros((n_in + 1, n_out), dtype=xp.float64)
+    # rounding h * x is monotone in x (max |a| from two reductions, without an |a| temporary)
+    rho = h * xp.maximum(xp.maximum(a.max(axis=1), -a.min(axis=1)), 1.0)
+    moved_inputs = stacked = None
+    stacked_steps = ops.stacked_steps or partial(_stacked_steps, xp)
     if layer == len(weights) - 2:  # (B, Jc, C) arrays only
         per_unit = 8 * batch * weights[-1].shape[1] * 8
     elif activation in _KINKED:  # (B, Jc, n) arrays of the next layer's radius only
@@ -862,6 +907,7 @@ def _series_layer_differences(
         widest = max(W.shape[1] for W in weights[layer:])
         per_unit = 8 * batch * widest * (2 * SERIES_MAX_ORDER + 3 * (len(weights) - layer) + 8)
     width = int(max(1, min(n_out, SERIES_CHUNK_BYTES // per_unit)))
+    grad = None if width >= n_out else xp.empty((n_in + 1, n_out), dtype=xp.float64)
     kink_rows = []
     for first in range(0, n_out, width):
         cols = slice(first, min(first + width, n_out))
@@ -883,26 +929,17 @@ def _series_layer_differences(
             inverse_radius = None
         fallback = needed > len(coefficients)  # (B, Jc)
         any_fallback = bool(fallback.any())
-        # sum over odd n of (h a)^n.T @ L_n / h as one GEMM over the stacked orders; the bias row (a = 1)
-        # is the column sum of the h^(n-1) L_n
+        # sum over odd n of (h a)^n.T @ L_n / (h B), the bias row (a = 1) included, as one GEMM over the stacked
+        # orders; the steps' powers are shared by the chunks (extended when a chunk needs more orders)
         odd = [
             xp.where(fallback, 0.0, coefficients[n - 1]) if any_fallback else coefficients[n - 1]
             for n in range(1, len(coefficients) + 1, 2)
         ]
-        if scaled_inputs is None:
-            scaled_inputs = [h * a]  # (B, I): u / sign for the weights
-        if len(odd) > 1 and step_squared is None:
-            step_squared = scaled_inputs[0] * scaled_inputs[0]
-        while len(scaled_inputs) < len(odd):
-            scaled_inputs.append(scaled_inputs[-1] * step_squared)
-        if len(odd) == 1:
-            grad[:n_in, cols] += scaled_inputs[0].T @ odd[0] / h
-            grad[n_in, cols] += odd[0].sum(axis=0)
+        stacked = stacked_steps(a, h, len(odd), stacked)
+        if grad is None:  # one chunk: the GEMM's result is the gradient
+            grad = _odd_series_gradient(xp, stacked, odd, h)
         else:
-            stacked = xp.concatenate(scaled_inputs[: len(odd)], axis=0)
-            grad[:n_in, cols] += stacked.T @ xp.concatenate(odd, axis=0) / h
-            for n, L_n in enumerate(odd):
-                grad[n_in, cols] += L_n.sum(axis=0) * h ** (2 * n)
+            grad[:, cols] = _odd_series_gradient(xp, stacked, odd, h)
         # direct evaluation: every moved input of a fallback pair; on relu nets also the triples past a kink radius
         reach = None
         if inverse_radius is not None:
@@ -913,8 +950,7 @@ def _series_layer_differences(
                 reach = None
         if not any_fallback and reach is None:
             continue
-        if steps is None:
-            steps = h * xp.concatenate([a, xp.ones((batch, 1), dtype=a.dtype)], axis=1)  # (B, I + 1): u / sign
+        steps = stacked[:batch]  # (B, I + 1): u / sign, the bias last
         pair_b, pair_j = xp.nonzero(fallback)
         moved = steps[pair_b] != 0
         t_pair, t_i = xp.nonzero(moved)
@@ -935,7 +971,7 @@ def _series_layer_differences(
         diff, cross_layer, cross_unit = _direct_differences(
             ops, cache, weights, biases, labels, activation, alpha, layer, samples, units + first, u, detect
         )
-        values = diff / (2 * h)
+        values = diff / (2 * h * batch)
         if corrected is not None and corrected[0].size:  # remove the series' value of the triples past a kink
             nb, nj, ni = corrected
             su = steps[nb, ni]
@@ -946,13 +982,12 @@ def _series_layer_differences(
                     series_value += power * L_n[nb, nj]
                 if n < len(coefficients):
                     power = power * su
-            values[values.size - nb.size :] -= series_value / h
+            values[values.size - nb.size :] -= series_value / (h * batch)
         flat = inputs * n_out + units + first
         grad += xp.bincount(flat, weights=values, minlength=grad.size).reshape(grad.shape)
         if detect:
             hit = cross_layer >= 0
             kink_rows.append(xp.stack([flat[hit], samples[hit], cross_layer[hit], cross_unit[hit]], axis=1))
-    grad /= batch
     rows = _first_row_per_entry(xp, xp.concatenate(kink_rows) if kink_rows else _kink_rows(xp))
     return grad[:n_in], grad[n_in], rows
 
