@@ -504,3 +504,81 @@ def test_numba_radius_and_direction_series_match_the_numpy_forms():
         # the two forms sum the cumulant recurrence in different orders, which loses digits as the order
         # grows (order 6 here: a few 1e-12 relative): the check is on the value, not the last bits
         np.testing.assert_allclose(got_n, want_n, rtol=1e-10, atol=0, err_msg=f"order {n}")
+
+
+# ---------------------------------------------------------------- the Numba forms equal the NumPy forms
+
+
+def test_numba_loss_bound_order_is_the_order_of_the_exact_bound():
+    """_loss_bound_order skips expm1/log1p where two rational brackets of M = -log(1 - expm1(x)) agree: its
+    orders must be those of M itself, also where the brackets disagree (the grid below reaches such cases)."""
+    nk = pytest.importorskip("kernels.numba_kernels")
+    exponents = np.concatenate([[0.0], np.logspace(-12, np.log10(0.7), 120)])
+    ratios = np.concatenate([[0.0, 1.0], np.logspace(-9, -1e-3, 120)])
+    disagreeing = 0
+    for h, tail in ((1e-4, xp_kernels.SERIES_TAIL), (1e-2, xp_kernels.SERIES_TAIL), (1e-4, 0.0)):
+        for x in exponents:
+            with np.errstate(invalid="ignore"):  # x > ln 2: no bound (NaN), as in the kernels: no order
+                exact_bound = -np.log1p(-np.expm1(x))
+            s_high, s_low = 2 * x / (2 - x), x + x * x / 2
+            for ratio in ratios:
+                want = nk._order_needed_scalar(ratio, exact_bound, h, tail, xp_kernels.SERIES_MAX_ORDER)
+                got = nk._loss_bound_order(x, ratio, h, tail, xp_kernels.SERIES_MAX_ORDER)
+                assert got == want, f"x={x!r} ratio={ratio!r} h={h} tail={tail}: {got} vs {want}"
+                if x < 0.6:
+                    high = nk._order_needed_scalar(
+                        ratio, s_high + s_high**2 / (2 * (1 - s_high)), h, tail, xp_kernels.SERIES_MAX_ORDER
+                    )
+                    low = nk._order_needed_scalar(ratio, s_low + s_low**2 / 2, h, tail, xp_kernels.SERIES_MAX_ORDER)
+                    disagreeing += high != low
+    assert disagreeing > 0, "the grid never reaches the exact evaluation"
+
+
+def assert_same_series(got, want, rho, h, context, served=True):
+    """Same orders, and coefficients that move a per-sample difference quotient by at most 1e-13: the sum over n
+    of |got_n - want_n| rho^n / h per served pair (the others are evaluated directly). High orders carry the
+    cumulant recurrences' cancellation (~1e-9 relative at order 20 whichever way the moments are summed): this
+    weighs them as the gradient does."""
+    assert len(got) == len(want), f"{context}: {len(got)} orders vs {len(want)}"
+    pairs = enumerate(zip(got, want, strict=True), start=1)
+    effect = sum(np.abs(got_n - want_n) * rho[:, None] ** n for n, (got_n, want_n) in pairs)
+    effect = np.where(served, effect, 0.0)
+    assert float(effect.max()) / h <= 1e-13, f"{context}: coefficients move a difference by {effect.max() / h:.1e}"
+
+
+@pytest.mark.parametrize("activation", SMALL_ACTIVATIONS)
+def test_numba_series_layer_forms_equal_the_numpy_forms(activation, mnist_batch):
+    """The compiled output-feeding orders and coefficients, last-layer coefficients and stacked steps give the
+    NumPy forms' orders exactly and their values to rounding, over weight scales and steps."""
+    nk = pytest.importorskip("kernels.numba_kernels")
+    x, t = mnist_batch
+    labels = np.asarray(t, dtype=np.int64)
+    rng = np.random.default_rng(4)
+    for scale in (0.01, 1.0, 3.0):
+        net = TwoLayerNet(784, 50, 10, activation=activation, weight_init_std=scale, seed=1)
+        weights, biases = [net.params["W1"], net.params["W2"]], [net.params["b1"], net.params["b2"]]
+        cache, derivatives = xp_kernels._series_forward(
+            np, nk._SERIES_OPS, weights, biases, x, labels, activation, net.alpha
+        )
+        for h in (1e-4, 1e-2, 0.3):
+            rho = h * np.maximum(np.abs(x).max(axis=1), 1.0) * rng.uniform(0.5, 2.0, len(x))
+            args = (cache, derivatives, weights, labels, activation, 0, slice(3, 41), rho, h)
+            want, want_needed, want_radius = xp_kernels._output_feeding_pair_series(np, *args)
+            got, got_needed, got_radius = nk._output_feeding_series(*args)
+            context = f"{activation}, scale {scale}, h={h}"
+            assert np.array_equal(got_needed, want_needed), context
+            assert_same_series(got, want, rho, h, context, served=want_needed <= len(want))
+            assert (got_radius is None) == (want_radius is None), context
+            if want_radius is not None:
+                np.testing.assert_allclose(got_radius, want_radius, rtol=1e-15, err_msg=context)
+            want_last = xp_kernels._last_layer_coefficients(np, cache, labels, h)
+            got_last = nk._last_layer_coefficients(cache, labels, h)
+            assert (got_last is None) == (want_last is None), context
+            if want_last is not None:
+                last_rho = h * np.maximum(np.abs(cache.inputs[1]).max(axis=1), 1.0)
+                assert_same_series(got_last, want_last, last_rho, h, f"{context}: last layer")
+            for count in (1, 3):
+                want_steps = xp_kernels._stacked_steps(np, cache.inputs[1], h, count)
+                assert np.array_equal(nk._stacked_steps(cache.inputs[1], h, count), want_steps), context
+                grown = nk._stacked_steps(cache.inputs[1], h, count + 2, nk._stacked_steps(cache.inputs[1], h, count))
+                assert np.array_equal(grown, xp_kernels._stacked_steps(np, cache.inputs[1], h, count + 2)), context
