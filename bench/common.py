@@ -4,8 +4,10 @@ Every benchmark checks its result against the NumPy reference, then times the ca
 ``Backend.synchronize()`` inside the timed function, and records what it measured in
 ``benchmark.extra_info`` (the keys bench/report/results.py reads: see ``describe`` and ``mark_estimate``).
 tests/conftest.py and bench/conftest.py both take their helpers from here (``assert_close``,
-``assert_gradients_close``, ``mnist_dir``, ``SHARED_MNIST``); bench/plugin.py holds the pytest
-options and the backend fixture they share.
+``assert_gradients_close``, ``mnist_dir``, ``SHARED_MNIST``, ``session_gradient``); bench/plugin.py
+holds the pytest options and the backend fixture they share. Deterministic results that tests and
+untimed benchmarks both need (the seed net's NumPy naive references, its batched gradients) are
+computed once per pytest session (``once``).
 """
 
 from __future__ import annotations
@@ -447,6 +449,137 @@ def independent_differences(net: Any, x: np.ndarray, t: np.ndarray, sample: Sequ
     return np.array([central_differences(loss, params[name], [idx], h)[0] for name, idx in sample])
 
 
+# ---------------------------------------------------------------- one computation per session, by content
+
+# Deterministic results (tests/test_numerical.py checks that repeated calls are bit-identical), keyed by
+# content_key of everything they depend on: the tests and the untimed benchmarks of one pytest run compute
+# the seed net's references and slow gradients once. Nothing that patches the library may use them.
+_SESSION_RESULTS: dict[str, Any] = {}
+
+
+def content_key(*parts: Any) -> str:
+    """SHA-256 (hex) of parts: arrays of any backend by dtype, shape and bytes; dicts by sorted key; else repr."""
+    sha = hashlib.sha256()
+
+    def add(part: Any) -> None:
+        if isinstance(part, dict):
+            for name in sorted(part):
+                sha.update(f"{name}=".encode())
+                add(part[name])
+        elif hasattr(part, "shape") and hasattr(part, "dtype"):
+            host = np.ascontiguousarray(to_numpy(part))
+            sha.update(f"array {host.dtype.str} {host.shape}:".encode())
+            sha.update(host.reshape(-1).view(np.uint8))
+        else:
+            sha.update(repr(part).encode())
+        sha.update(b";")
+
+    for part in parts:
+        add(part)
+    return sha.hexdigest()
+
+
+def net_contents(net: Any) -> tuple | None:
+    """What a net's losses depend on (class, backend, sizes, activation, alpha, weight decay, parameters with
+    their dtype), or None where that cannot be told by value: a user-defined activation object."""
+    if not isinstance(net.activation, str):
+        return None
+    return (
+        type(net).__name__,
+        net.backend.name,
+        tuple(net.sizes),
+        net.activation,
+        net.alpha,
+        net.weight_decay_lambda,
+        dict(net.params),
+    )
+
+
+def gradient_key(net: Any, x: Array, labels: Array, method: str, h: float = STEP) -> str | None:
+    """content_key of net.numerical_gradient(x, labels, method=method, h=h); None if the net has no net_contents."""
+    contents = net_contents(net)
+    return None if contents is None else content_key("numerical_gradient", *contents, x, labels, method, float(h))
+
+
+def _copied(result: Any) -> Any:
+    if isinstance(result, dict):
+        return {name: value.copy() for name, value in result.items()}
+    return result.copy()
+
+
+def once(key: str | None, compute: Callable[[], T]) -> T:
+    """A copy of compute()'s result, computed the first time this session asks for key (None: always computed)."""
+    if key is None:
+        return compute()
+    if key not in _SESSION_RESULTS:
+        _SESSION_RESULTS[key] = compute()
+    return _copied(_SESSION_RESULTS[key])
+
+
+def session_gradient(net: Any, x: Array, labels: Array, method: str, h: float = STEP) -> dict[str, Array]:
+    """net.numerical_gradient(x, labels, method=method, h=h), computed once per session for the same contents
+    (gradient_key) and handed out as copies: the parameters are left as they were either way. The naive loop
+    runs as naive_in_threads (the same numbers)."""
+    if method == "naive":
+        compute = partial(naive_in_threads, net, x, labels, h)
+    else:
+        compute = partial(net.numerical_gradient, x, labels, method=method, h=h)
+    return once(gradient_key(net, x, labels, method, h), compute)
+
+
+def session_naive_at(net: Any, x: Array, labels: Array, sample: Sequence[ParamIndex], h: float = STEP) -> np.ndarray:
+    """naive_at(net, x, labels, sample, h), once per session; taken from this session's whole naive gradient of
+    the same net and batch where one was computed (the loop's differences of an entry do not depend on which
+    other entries it visits: each is moved and put back exactly; tests/test_bench_checks.py checks it)."""
+    full_key = gradient_key(net, x, labels, "naive", h)
+    if full_key is not None and full_key in _SESSION_RESULTS:
+        return values_at(_SESSION_RESULTS[full_key], sample)
+    contents = net_contents(net)
+    key = None if contents is None else content_key("naive_at", *contents, x, labels, list(sample), float(h))
+    return once(key, partial(naive_at, net, x, labels, sample, h))
+
+
+def naive_in_threads(net: Any, x: Array, labels: Array, h: float = STEP, threads: int | None = None) -> dict:
+    """net.numerical_gradient(x, labels, method="naive", h=h) on a NumPy net, its entries split between threads
+    (default: the usable CPUs, at most 2), each running the library's loop over its share with BLAS held to one
+    thread. The same numbers: an entry's differences do not depend on which other entries the loop visits, the
+    loop never writes the net's own arrays (it moves float64 copies), and OpenBLAS splits a product's output, not
+    its sums, between threads (tests/test_bench_checks.py and tests/test_numerical.py check the result against
+    the plain loop, bit for bit). Faster on two free cores, and on a busy machine no two BLAS pools spin
+    against each other.
+    """
+    if threads is None:
+        threads = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if net.backend.name != "numpy" or threads < 2 or importlib.util.find_spec("threadpoolctl") is None:
+        return net.numerical_gradient(x, labels, method="naive", h=h)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    every = [(name, idx) for name, p in net.params.items() for idx in np.ndindex(*p.shape)]
+    shares = [grouped(every[k::threads]) for k in range(threads)]
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        loop = partial(net.numerical_gradient, x, labels, method="naive", h=h)
+        parts = list(pool.map(lambda share: loop(entries=share), shares))
+    grads = parts[0]
+    for share, part in zip(shares[1:], parts[1:], strict=True):
+        for name, indices in share.items():
+            rows = tuple(np.array(indices).T)
+            grads[name][rows] = part[name][rows]
+    return grads
+
+
+class Shareable:
+    """A benchmark's call (``compute()``, what a timed run times) and the same result shared within the session
+    (``shared()``, e.g. session_gradient): what an untimed run (--benchmark-disable) checks."""
+
+    def __init__(self, compute: Callable[[], Any], shared: Callable[[], Any]) -> None:
+        self.compute, self.shared = compute, shared
+
+    def __call__(self) -> Any:
+        return self.compute()
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -469,10 +602,14 @@ def measure(
     """Check compute(*args) against the reference, then time it (synchronized) as the profile plans.
 
     The checked call also warms up (caches; JIT compilation is done by warm_up) and sizes the
-    rounds. With benchmarks disabled, compute runs once and its result is checked. A slow method
+    rounds. With benchmarks disabled, compute runs once and its result is checked; a ``Shareable``
+    compute gives its session-shared result instead (the same call on the same contents, e.g. the
+    seed net's batched gradient that tests/test_numerical.py computed in this run). A slow method
     (seconds a call) in a profile with one_call_when_slow runs once, timed, and that result is
     checked: a result that fails is dropped from the saved results (has_error).
     """
+    if benchmark.disabled and isinstance(compute, Shareable):
+        compute = compute.shared
     call_args = (backend, compute, *args)
     if benchmark.disabled or (slow and profile.one_call_when_slow):
         benchmark.extra_info["checked"] = "after its one timed call" if benchmark.enabled else "untimed"
@@ -796,7 +933,8 @@ class GradientCase:
         return self.twin.gradient(self.rx, self.rt)
 
     def naive_reference(self, sample: Sequence[ParamIndex]) -> np.ndarray:
-        return naive_at(self.twin, self.rx, self.rt, sample)
+        """The NumPy naive loop at the sample: once per session (session_naive_at)."""
+        return session_naive_at(self.twin, self.rx, self.rt, sample)
 
     def flops(self, method: str) -> dict[str, Any]:
         return flops_record(method, self.twin, self.host_x)
@@ -820,7 +958,10 @@ class GradientCase:
                 sample,
             )
         return (
-            partial(self.net.numerical_gradient, self.x, self.t, method=method),
+            Shareable(
+                partial(self.net.numerical_gradient, self.x, self.t, method=method),
+                partial(session_gradient, self.net, self.x, self.t, method),
+            ),
             partial(self._check_numerical, method),
             None,
         )
@@ -845,7 +986,10 @@ class GradientCase:
             assert_close(
                 got, values_at(self.backprop_reference(), sample), atol=NUMERICAL_ATOL, context=f"{context} vs backprop"
             )
-        want = independent_differences(self.twin, self.host_x.astype(np.float64), self.host_t, sample)
+        host_x = self.host_x.astype(np.float64)
+        contents = net_contents(self.twin)
+        key = None if contents is None else content_key("independent", *contents, host_x, self.host_t, list(sample))
+        want = once(key, partial(independent_differences, self.twin, host_x, self.host_t, sample))
         assert_close(got, want, atol=NUMERICAL_ATOL, context=f"{context} vs an independent plain NumPy loop")
 
 

@@ -14,16 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import bench.common as bench_common
 from backends import get_backend
 from bench.common import (
     PROFILES,
     SEED_N_PARAMS,
     SEED_SIZES,
     GradientCase,
+    Shareable,
     flops_per_call,
+    gradient_key,
     naive_at,
+    naive_in_threads,
+    once,
     sample_digest,
     sample_parameters,
+    session_gradient,
+    session_naive_at,
     synthetic_batch,
 )
 from nets import MultiLayerNet, TwoLayerNet
@@ -175,3 +182,81 @@ def test_bench_accepts_require_backend_and_the_profiles():
     for extra in (["--gap-profile", "standard", "--benchmark-disable"], ["--collect-only"]):
         done = subprocess.run(command + extra, cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- results shared within a session (bench.common.once)
+
+
+def test_a_session_gradient_is_computed_once_per_contents_and_handed_out_as_copies():
+    net = TwoLayerNet(12, 5, 3, weight_init_std=0.5, seed=321)
+    x, t = np.random.default_rng(5).random((4, 12)), np.array([0, 2, 1, 2])
+    calls = []
+    library_call = net.numerical_gradient
+    net.numerical_gradient = lambda *args, **kwargs: calls.append(kwargs["method"]) or library_call(*args, **kwargs)
+
+    first = session_gradient(net, x, t, "incremental")
+    first["W1"][...] = 7.0  # a caller's writes do not reach the shared result
+    second = session_gradient(net, x, t, "incremental")
+    assert calls == ["incremental"]
+    for name, want in library_call(x, t, method="incremental").items():
+        np.testing.assert_array_equal(second[name], want)
+
+    key = gradient_key(net, x, t, "incremental")
+    other_x = x.copy()
+    other_x[0, 0] += 1e-9
+    others = [
+        gradient_key(net, other_x, t, "incremental"),
+        gradient_key(net, x, np.array([0, 2, 1, 1]), "incremental"),
+        gradient_key(net, x, t, "series"),
+        gradient_key(net, x, t, "incremental", h=2e-4),
+        gradient_key(TwoLayerNet(12, 5, 3, activation="tanh", weight_init_std=0.5, seed=321), x, t, "incremental"),
+        gradient_key(net.astype("float32"), x, t, "incremental"),
+    ]
+    assert len({key, *others}) == 1 + len(others)
+    net.params["b2"][1] += 1e-12  # the same net, moved: computed again
+    assert gradient_key(net, x, t, "incremental") != key
+    session_gradient(net, x, t, "incremental")
+    assert calls == ["incremental", "incremental"]
+
+
+def test_nets_with_a_user_defined_activation_are_never_shared():
+    from kernels.activations import Activation
+
+    net = TwoLayerNet(6, 4, 3, activation=Activation("cube", lambda z: z**3, lambda z: 3 * z**2), seed=2)
+    x, t = np.random.default_rng(1).random((2, 6)), np.array([0, 1])
+    assert gradient_key(net, x, t, "naive") is None
+    calls = []
+    assert once(None, lambda: calls.append(1) or 1) == 1 and once(None, lambda: calls.append(1) or 1) == 1
+    assert len(calls) == 2
+
+
+def test_a_sampled_reference_is_taken_from_the_sessions_whole_naive_loop():
+    """session_naive_at reads the whole loop's result where there is one: the numbers of the loop over the sample."""
+    net = MultiLayerNet(10, [6, 5], 4, activation="tanh", weight_init_std=0.8, seed=77)
+    batch = synthetic_batch(7)
+    x, t = batch.x[:, :10], batch.t % 4
+    sample = sample_parameters({name: p.shape for name, p in net.params.items()}, 25, seed=3)
+    before = naive_at(net, x, t, sample)
+    full = session_gradient(net, x, t, "naive")
+    assert gradient_key(net, x, t, "naive") in bench_common._SESSION_RESULTS
+    np.testing.assert_array_equal(session_naive_at(net, x, t, sample), before)
+    np.testing.assert_array_equal(session_naive_at(net, x, t, sample), [full[name][idx] for name, idx in sample])
+
+
+def test_the_threaded_naive_loop_gives_the_plain_loops_numbers():
+    net = TwoLayerNet(30, 8, 5, weight_init_std=0.3, seed=9)
+    x, t = np.random.default_rng(4).random((16, 30)), np.arange(16) % 5
+    plain = net.numerical_gradient(x, t, method="naive")
+    for threads in (1, 2, 3):
+        got = naive_in_threads(net, x, t, threads=threads)
+        for name, want in plain.items():
+            assert np.array_equal(got[name], want), f"{threads} threads: {name}"
+
+
+def test_an_untimed_benchmark_checks_the_shared_result_and_a_timed_one_computes(relu_case):
+    compute, _, sample = relu_case.gradient("incremental")
+    assert sample is None and isinstance(compute, Shareable)
+    want = relu_case.net.numerical_gradient(relu_case.x, relu_case.t, method="incremental")
+    for result in (compute(), compute.shared()):
+        for name in want:
+            np.testing.assert_array_equal(result[name], want[name])

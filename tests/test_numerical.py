@@ -9,7 +9,7 @@ from kernels import ACTIVATIONS
 from nets import MultiLayerNet, TwoLayerNet
 from nets.gradient import gradient_check, numerical_gradient
 from nets.optimizers import SGD
-from tests.conftest import assert_gradients_close
+from tests.conftest import assert_gradients_close, session_gradient
 
 METHODS = ("naive", "batched", "incremental", "series")
 ATOL = 2e-11  # absolute, against the NumPy naive loop (its own float64 cancellation is ~5e-12 at h = 1e-4)
@@ -30,8 +30,10 @@ def assert_params_unchanged(net, before):
 # ---------------------------------------------------------------- the seed setting, real MNIST
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference_states(mnist_train, mnist_batch):
+    """state -> (parameters, the NumPy naive gradient over all 39,760 of them), once per session; the
+    untimed benchmarks take their NumPy naive references of the fresh net from it (bench.common.session_gradient)."""
     x, t = mnist_batch
     x_train, t_train = mnist_train
     states = {}
@@ -42,7 +44,7 @@ def reference_states(mnist_train, mnist_batch):
         pick = rng.choice(len(x_train), 100)
         optimizer.update(trained.params, trained.gradient(x_train[pick], t_train[pick]))
     for label, net in (("fresh", fresh), ("after 100 SGD steps", trained)):
-        states[label] = (snapshot(net), net.numerical_gradient(x, t, method="naive"))
+        states[label] = (snapshot(net), session_gradient(net, x, t, "naive"))
     return states
 
 
@@ -65,13 +67,30 @@ def test_seed_setting_agrees_with_numpy_naive(backend, method, state, reference_
         for name, indices in entries.items():
             picked[name][tuple(np.array(indices).T)] = True
         expected = {name: np.where(picked[name], want, 0.0) for name, want in reference.items()}
-    else:
-        got = net.numerical_gradient(backend.asarray(x), t, method=method)
+    else:  # shared with the untimed benchmarks of the same net and batch (bench/bench_gap.py), once per session
+        got = session_gradient(net, backend.asarray(x), t, method)
         expected = reference
     assert all(g.dtype == np.float64 for g in got.values())
     assert_gradients_close(got, expected, atol=ATOL, context=f"{backend.name}/{method}/{state}")
     assert_params_unchanged(net, params)
     assert_gradients_close(net.gradient(backend.asarray(x), t), reference, rtol=1e-5, atol=1e-8, context="backprop")
+
+
+def test_the_references_are_the_plain_loops_numbers(reference_states, mnist_batch):
+    """The references come from bench.common.naive_in_threads (the loop's entries split between threads, one BLAS
+    thread each): the plain loop gives the same numbers bit for bit, here at 359 entries of every array (an odd
+    stride: both threads' shares)."""
+    x, t = mnist_batch
+    for state, (params, reference) in reference_states.items():
+        net = TwoLayerNet(784, 50, 10, seed=0)
+        for name, value in params.items():
+            net.params[name][...] = value
+        entries = {name: list(np.ndindex(*value.shape)) for name, value in params.items()}
+        entries["W1"], entries["W2"] = entries["W1"][::197], entries["W2"][::5]
+        got = net.numerical_gradient(x, t, method="naive", entries=entries)
+        for name, indices in entries.items():
+            rows = tuple(np.array(indices).T)
+            assert np.array_equal(got[name][rows], reference[name][rows]), f"{state}: {name}"
 
 
 @pytest.mark.parametrize("method", ["batched", "incremental", "series"])
