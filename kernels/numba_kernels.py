@@ -7,6 +7,7 @@ every perturbed loss without recomputing what the perturbation cannot change.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -507,9 +508,7 @@ def _hidden_to_output(cache, weights, biases, labels, activation, alpha, h, laye
     return out[:n_in], out[n_in]
 
 
-_INCREMENTAL_OPS = xp_kernels.Ops(
-    xp=np, activation=activation_forward, set_losses=_set_losses_py, hidden_to_output=_hidden_to_output
-)
+_INCREMENTAL_OPS = dataclasses.replace(_OPS, hidden_to_output=_hidden_to_output)
 
 
 def numerical_gradient_incremental(problem, x, labels, progress=None, kinks=None, select=None):
@@ -940,11 +939,8 @@ def _next_layer_inverse_radius(slope, W_next, z):
     return out
 
 
-_SERIES_OPS = xp_kernels.Ops(
-    xp=np,
-    activation=activation_forward,
-    set_losses=_set_losses_py,
-    activation_with_derivative=_activation_with_derivative,
+_SERIES_OPS = dataclasses.replace(
+    _OPS,
     output_feeding_series=_output_feeding_series,
     next_layer_inverse_radius=_next_layer_inverse_radius,
     direction_series=_direction_series,
