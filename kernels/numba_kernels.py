@@ -153,21 +153,23 @@ def _scale_by_1d(form, dout, x, out):
         out[i] = dout[i] * form(x[i])
 
 
-def _custom_forward(activation: Activation, x):
-    """f(x) by the Activation's jitted scalar form, else its NumPy form; x's shape and dtype."""
-    if activation.numba_forward is None:
-        return np.asarray(activation.forward(x), dtype=x.dtype)
+def _custom_map(scalar_form, numpy_form, x):
+    """scalar_form (a jitted scalar function) mapped over x, else numpy_form(x); x's shape and dtype."""
+    if scalar_form is None:
+        return np.asarray(numpy_form(x), dtype=x.dtype)
     out = np.empty(x.shape, dtype=x.dtype)
-    _map_1d(activation.numba_forward, _flat(x), out.reshape(-1))
+    _map_1d(scalar_form, _flat(x), out.reshape(-1))
     return out
+
+
+def _custom_forward(activation: Activation, x):
+    """f(x) by the Activation's jitted scalar form, else its NumPy form."""
+    return _custom_map(activation.numba_forward, activation.forward, x)
 
 
 def _custom_derivative(activation: Activation, x):
-    if activation.numba_derivative is None:
-        return np.asarray(activation.derivative(x), dtype=x.dtype)
-    out = np.empty(x.shape, dtype=x.dtype)
-    _map_1d(activation.numba_derivative, _flat(x), out.reshape(-1))
-    return out
+    """f'(x) by the Activation's jitted scalar form, else its NumPy form."""
+    return _custom_map(activation.numba_derivative, activation.derivative, x)
 
 
 def activation_forward(activation, x, alpha=LEAKY_SLOPE):
